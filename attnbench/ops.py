@@ -1,0 +1,70 @@
+"""Small helpers shared by implementations (implementations never import each other)."""
+
+from __future__ import annotations
+
+import torch
+
+from .pattern import Pattern
+
+__all__ = ["head_groups", "gather_heads", "scatter_heads", "global_index", "cuda_probe", "module_probe"]
+
+
+def head_groups(pattern: Pattern, heads: int) -> list[tuple[int, list[int]]]:
+    """Heads grouped by dilation: ``[(d, [head indices]), ...]`` in order of first use."""
+    groups: dict[int, list[int]] = {}
+    for h, d in enumerate(pattern.dilations(heads)):
+        groups.setdefault(d, []).append(h)
+    return list(groups.items())
+
+
+def gather_heads(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """``x[:, idx]`` without a copy when idx covers every head in order."""
+    if idx == list(range(x.shape[1])):
+        return x
+    return x.index_select(1, torch.tensor(idx, device=x.device))
+
+
+def scatter_heads(parts: list[tuple[list[int], torch.Tensor]], heads: int) -> torch.Tensor:
+    """Inverse of :func:`gather_heads` over groups: concatenate along heads and
+    restore the original head order (differentiable)."""
+    if len(parts) == 1:
+        return parts[0][1]
+    order = [h for idx, _ in parts for h in idx]
+    cat = torch.cat([t for _, t in parts], dim=1)
+    inv = torch.empty(heads, dtype=torch.long)
+    inv[torch.tensor(order)] = torch.arange(heads)
+    return cat.index_select(1, inv.to(cat.device))
+
+
+def global_index(pattern: Pattern, device: torch.device | str) -> torch.Tensor:
+    """Global token positions as a long tensor ``(G,)``."""
+    return torch.tensor(pattern.global_tokens, dtype=torch.long, device=device)
+
+
+def module_probe(*modules: str):
+    """An availability probe: a reason naming the first missing package, or None."""
+
+    def probe() -> str | None:
+        import importlib.util
+
+        for m in modules:
+            if importlib.util.find_spec(m) is None:
+                return f"needs the '{m}' package (not installed)"
+        return None
+
+    return probe
+
+
+def cuda_probe(*modules: str):
+    """Probe: the packages are importable and a CUDA device is present."""
+    pkg = module_probe(*modules)
+
+    def probe() -> str | None:
+        why = pkg()
+        if why:
+            return why
+        if not torch.cuda.is_available():
+            return "needs a CUDA device (none found)"
+        return None
+
+    return probe

@@ -1,0 +1,207 @@
+"""The attention pattern: one definition from which the mask, the reference and the
+work counts derive.
+
+Convention (the Longformer paper's and Hugging Face's ``attention_window``):
+
+* ``window`` w is even; every query attends to w neighbours plus itself:
+  w/2 on each side, or, when ``causal``, the w keys to its left.
+* ``dilation`` d multiplies the step: key ``j`` is in query ``i``'s window iff
+  ``j = i + d*c`` for an integer ``c`` in ``[-w/2, w/2]`` (or ``[-w, 0]`` when causal)
+  and ``0 <= j < n``. Windows are truncated at the sequence edges, never shifted.
+* ``global_tokens``: a global query attends to every key and every query attends to
+  every global key. ``causal`` forbids ``j > i`` everywhere, globals included.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Pattern"]
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A Longformer attention pattern: sliding window, dilation, causal, global tokens.
+
+    Args:
+        window: even int >= 0, neighbours per query besides itself.
+        dilation: int >= 1, or a tuple of per-head ints (its length must equal the
+            number of heads at call time).
+        causal: attend only to keys ``j <= i``; the window is then the w keys to the left.
+        global_tokens: positions of global tokens; normalised to a sorted tuple of
+            unique ints.
+
+    Raises:
+        ValueError: naming the field, the value and what is allowed.
+    """
+
+    window: int
+    dilation: int | tuple[int, ...] = 1
+    causal: bool = False
+    global_tokens: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        w = self.window
+        if not _is_int(w) or w < 0 or w % 2:
+            raise ValueError(f"window={w!r}: must be an even int >= 0 (neighbours per query besides itself)")
+        object.__setattr__(self, "window", int(w))
+
+        d = self.dilation
+        if isinstance(d, (list, tuple)):
+            if len(d) == 0 or not all(_is_int(x) and x >= 1 for x in d):
+                raise ValueError(f"dilation={d!r}: a per-head dilation must be a non-empty tuple of ints >= 1")
+            d = tuple(int(x) for x in d)
+        elif _is_int(d) and d >= 1:
+            d = int(d)
+        else:
+            raise ValueError(f"dilation={d!r}: must be an int >= 1 or a tuple of per-head ints >= 1")
+        object.__setattr__(self, "dilation", d)
+
+        if not isinstance(self.causal, (bool,)) and not (_is_int(self.causal) and self.causal in (0, 1)):
+            raise ValueError(f"causal={self.causal!r}: must be a bool")
+        object.__setattr__(self, "causal", bool(self.causal))
+
+        g = self.global_tokens
+        if g is None:
+            g = ()
+        if _is_int(g):
+            g = (g,)
+        if isinstance(g, (str, bytes)) or not isinstance(g, Iterable):
+            raise ValueError(f"global_tokens={g!r}: must be a sequence of int positions >= 0")
+        g = tuple(g)
+        for x in g:
+            if not _is_int(x) or x < 0:
+                raise ValueError(f"global_tokens={self.global_tokens!r}: position {x!r} is not an int >= 0")
+        object.__setattr__(self, "global_tokens", tuple(sorted({int(x) for x in g})))
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def per_head(self) -> bool:
+        """True when the dilation is given per head."""
+        return isinstance(self.dilation, tuple)
+
+    @property
+    def max_dilation(self) -> int:
+        return max(self.dilation) if isinstance(self.dilation, tuple) else self.dilation
+
+    @property
+    def offset_range(self) -> tuple[int, int]:
+        """Inclusive range ``(lo, hi)`` of the window index c; key = i + d*c."""
+        if self.causal:
+            return -self.window, 0
+        return -self.window // 2, self.window // 2
+
+    def dilations(self, heads: int) -> tuple[int, ...]:
+        """Per-head dilations for ``heads`` heads (checks a per-head tuple's length)."""
+        if not _is_int(heads) or heads < 1:
+            raise ValueError(f"heads={heads!r}: must be an int >= 1")
+        if isinstance(self.dilation, tuple):
+            if len(self.dilation) != heads:
+                raise ValueError(
+                    f"dilation={self.dilation!r}: per-head dilation has {len(self.dilation)} entries "
+                    f"but the input has heads={heads}; give one per head or a single int"
+                )
+            return self.dilation
+        return (self.dilation,) * heads
+
+    def validate(self, seq_len: int, heads: int | None = None) -> None:
+        """Check the pattern against a sequence length (and head count)."""
+        if not _is_int(seq_len) or seq_len < 1:
+            raise ValueError(f"seq_len={seq_len!r}: must be an int >= 1")
+        if self.global_tokens and self.global_tokens[-1] >= seq_len:
+            bad = [g for g in self.global_tokens if g >= seq_len]
+            raise ValueError(
+                f"global_tokens={self.global_tokens!r}: position(s) {bad} out of range; allowed 0 <= g < seq_len={seq_len}"
+            )
+        if heads is not None:
+            self.dilations(heads)
+        elif self.per_head:
+            raise ValueError(f"dilation={self.dilation!r}: a per-head dilation needs heads=")
+
+    def describe(self) -> str:
+        """Short human label, e.g. ``w512 d2 causal g1``."""
+        d = self.dilation
+        s = f"w{self.window}"
+        if d != 1:
+            s += " d" + ("/".join(map(str, d)) if isinstance(d, tuple) else str(d))
+        if self.causal:
+            s += " causal"
+        if self.global_tokens:
+            s += f" g{len(self.global_tokens)}"
+        return s
+
+    # ------------------------------------------------------------------ masks
+    def mask_rows(
+        self, rows: torch.Tensor, seq_len: int, heads: int | None = None, device: torch.device | str | None = None
+    ) -> torch.Tensor:
+        """Boolean mask of the given query rows: ``(R, n)``, or ``(heads, R, n)`` when
+        ``heads`` is given. ``True`` = attended. Memory O(R * n)."""
+        self.validate(seq_len, heads)
+        dev = rows.device if device is None else torch.device(device)
+        i = rows.to(device=dev, dtype=torch.long).reshape(-1, 1)  # (R, 1)
+        j = torch.arange(seq_len, device=dev).reshape(1, -1)  # (1, n)
+        lo, hi = self.offset_range
+        diff = j - i  # (R, n)
+        dils = self.dilations(heads) if heads is not None else (self.dilation,)
+        out = []
+        g = torch.zeros(seq_len, dtype=torch.bool, device=dev)
+        if self.global_tokens:
+            g[list(self.global_tokens)] = True
+        row_global = g[i.reshape(-1)].reshape(-1, 1)  # (R, 1)
+        for d in dils:
+            in_window = (diff % d == 0) & (diff >= lo * d) & (diff <= hi * d)
+            m = in_window | g.reshape(1, -1) | row_global
+            if self.causal:
+                m = m & (diff <= 0)
+            out.append(m)
+        if heads is None:
+            return out[0]
+        return torch.stack(out)  # (H, R, n)
+
+    def mask(self, seq_len: int, heads: int | None = None) -> torch.Tensor:
+        """Dense boolean mask: ``(n, n)``, or ``(heads, n, n)`` when ``heads`` is given
+        (required for per-head dilation). ``mask[..., i, j]`` is True iff query i
+        attends to key j. This is the specification in executable form."""
+        return self.mask_rows(torch.arange(seq_len), seq_len, heads)
+
+    def pairs(self, seq_len: int, heads: int = 1) -> int:
+        """Exact number of attended (query, key) pairs summed over ``heads`` heads,
+        without building an n x n mask (time O(n * (1 + G)), memory O(n))."""
+        self.validate(seq_len, heads)
+        n = seq_len
+        lo, hi = self.offset_range
+        i = torch.arange(n, dtype=torch.long)
+        glob = torch.tensor(self.global_tokens, dtype=torch.long)
+        is_g = torch.zeros(n, dtype=torch.bool)
+        is_g[glob] = True
+        # global rows: every key (j <= i when causal)
+        full = (i + 1) if self.causal else torch.full_like(i, n)
+        total = 0
+        for d in self.dilations(heads):
+            # window keys i + d*c with 0 <= i + d*c < n, lo <= c <= hi
+            c_min = torch.clamp(torch.div(-i + d - 1, d, rounding_mode="floor"), min=lo)  # ceil(-i/d)
+            c_max = torch.clamp(torch.div(n - 1 - i, d, rounding_mode="floor"), max=hi)
+            win = (c_max - c_min + 1).clamp(min=0)  # (n,)
+            extra = torch.zeros(n, dtype=torch.long)
+            if len(glob):
+                # global keys not already in the window, in row blocks to bound memory
+                step = max(1, (1 << 22) // len(glob))
+                for s in range(0, n, step):
+                    ii = i[s : s + step].reshape(-1, 1)
+                    diff = glob.reshape(1, -1) - ii  # (r, G)
+                    in_win = (diff % d == 0) & (diff >= lo * d) & (diff <= hi * d)
+                    allowed = ~in_win
+                    if self.causal:
+                        allowed &= diff <= 0
+                    extra[s : s + step] = allowed.sum(1)
+            per_row = torch.where(is_g, full, win + extra)
+            total += int(per_row.sum())
+        return total

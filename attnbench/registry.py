@@ -1,0 +1,349 @@
+"""The implementation registry.
+
+Every module in the ``impls`` package registers one implementation with
+:func:`register`; other packages add theirs through the entry-point group
+``attnbench.impls``. Implementation modules are imported only when the registry is
+first queried, and they import optional packages (triton, cupy, flash-attn,
+transformers) inside their functions, so ``import attnbench`` needs torch alone.
+
+An implementation is a function ``fn(q, k, v, pattern, scale) -> out`` with
+q, k, v, out of shape ``(batch, heads, seq, head_dim)`` in one dtype and device.
+What it supports is data (:class:`Impl`); :meth:`Impl.not_supported_reasons` lists
+every reason a call cannot run, and nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from .pattern import Pattern
+from .reference import default_scale
+
+__all__ = [
+    "FEATURES",
+    "Impl",
+    "UnsupportedError",
+    "register",
+    "get_impl",
+    "list_impls",
+    "describe",
+    "attention",
+    "required_features",
+    "DTYPE_NAMES",
+]
+
+#: Features an implementation may declare.
+FEATURES = ("dilation", "per_head_dilation", "global_tokens", "causal", "backward")
+
+DTYPE_NAMES = {
+    torch.float64: "fp64",
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+}
+
+ImplFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Pattern, float], torch.Tensor]
+
+
+class UnsupportedError(ValueError):
+    """An implementation cannot run this call; ``reasons`` lists every reason."""
+
+    def __init__(self, impl: str, reasons: list[str]):
+        self.impl = impl
+        self.reasons = list(reasons)
+        super().__init__(f"impl={impl!r} cannot run this call: " + "; ".join(self.reasons))
+
+
+@dataclass(frozen=True)
+class Impl:
+    """What an implementation is and what it can do.
+
+    Attributes:
+        name: registry key.
+        fn: ``fn(q, k, v, pattern, scale) -> out``, shapes ``(B, H, n, D)``.
+        devices: device types it runs on (``"cpu"``, ``"cuda"``).
+        dtypes: input dtypes it accepts.
+        features: subset of :data:`FEATURES`.
+        probe: returns ``None`` when usable here, else the reason (missing package...).
+        check: per-call extra reasons, ``check(q, pattern) -> list[str]`` (e.g. head_dim).
+        memory: estimated peak bytes the call allocates beyond its inputs,
+            ``memory(batch, heads, seq, head_dim, element_size, pattern, backward)``;
+            used by the benchmark's memory guard.
+        description: one line for ``describe()``.
+        module: the module that registered it.
+    """
+
+    name: str
+    fn: ImplFn
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    features: frozenset[str]
+    probe: Callable[[], str | None] | None = None
+    check: Callable[[torch.Tensor, Pattern], list[str]] | None = None
+    memory: Callable[..., float] | None = None
+    description: str = ""
+    module: str = ""
+    tunables: dict = field(default_factory=dict)
+
+    def unavailable_reason(self) -> str | None:
+        """Why it cannot run on this machine at all, or None."""
+        if self.probe is None:
+            return None
+        try:
+            return self.probe()
+        except Exception as e:  # a broken probe is a reason, not a crash
+            return f"availability probe failed: {type(e).__name__}: {e}"
+
+    def not_supported_reasons(
+        self,
+        pattern: Pattern,
+        *,
+        device: str | torch.device,
+        dtype: torch.dtype,
+        backward: bool = False,
+        q: torch.Tensor | None = None,
+    ) -> list[str]:
+        """Every reason this implementation cannot run the described call (empty: it can)."""
+        reasons: list[str] = []
+        why = self.unavailable_reason()
+        if why:
+            reasons.append(why)
+        dev = torch.device(device).type
+        if dev not in self.devices:
+            reasons.append(f"device {dev!r} not supported (supports {', '.join(self.devices)})")
+        if dtype not in self.dtypes:
+            names = ", ".join(DTYPE_NAMES.get(t, str(t)) for t in self.dtypes)
+            reasons.append(f"dtype {DTYPE_NAMES.get(dtype, str(dtype))} not supported (supports {names})")
+        for feat in required_features(pattern, backward=backward):
+            if feat not in self.features:
+                reasons.append(f"feature {feat!r} not supported")
+        if q is not None and self.check is not None and not reasons:
+            reasons.extend(self.check(q, pattern))
+        return reasons
+
+
+def required_features(pattern: Pattern, backward: bool = False) -> list[str]:
+    """The features a call with this pattern needs."""
+    need = []
+    if pattern.per_head:
+        if any(d != 1 for d in pattern.dilation):
+            need.append("dilation")
+        need.append("per_head_dilation")
+    elif pattern.dilation != 1:
+        need.append("dilation")
+    if pattern.global_tokens:
+        need.append("global_tokens")
+    if pattern.causal:
+        need.append("causal")
+    if backward:
+        need.append("backward")
+    return need
+
+
+def _first_line(doc: str | None) -> str:
+    lines = (doc or "").strip().splitlines()
+    return lines[0] if lines else ""
+
+
+_REGISTRY: dict[str, Impl] = {}
+_BROKEN: dict[str, str] = {}  # plugin module -> import error
+_LOADED = False
+
+
+def register(
+    name: str,
+    *,
+    devices: Iterable[str] = ("cpu", "cuda"),
+    dtypes: Iterable[torch.dtype] = (torch.float64, torch.float32, torch.float16, torch.bfloat16),
+    features: Iterable[str] = (),
+    probe: Callable[[], str | None] | None = None,
+    check: Callable[[torch.Tensor, Pattern], list[str]] | None = None,
+    memory: Callable[..., float] | None = None,
+    description: str = "",
+    tunables: dict | None = None,
+) -> Callable[[ImplFn], ImplFn]:
+    """Decorator registering ``fn(q, k, v, pattern, scale) -> out`` under ``name``.
+
+    A duplicate name is an error; so is an unknown feature.
+    """
+    feats = frozenset(features)
+    unknown = feats - set(FEATURES)
+    if unknown:
+        raise ValueError(f"register({name!r}): unknown feature(s) {sorted(unknown)}; allowed: {', '.join(FEATURES)}")
+
+    def deco(fn: ImplFn) -> ImplFn:
+        if name in _REGISTRY:
+            raise ValueError(
+                f"implementation {name!r} is already registered (by {_REGISTRY[name].module}); names must be unique"
+            )
+        _REGISTRY[name] = Impl(
+            name=name,
+            fn=fn,
+            devices=tuple(devices),
+            dtypes=tuple(dtypes),
+            features=feats,
+            probe=probe,
+            check=check,
+            memory=memory,
+            description=description or _first_line(fn.__doc__),
+            module=getattr(fn, "__module__", ""),
+            tunables=dict(tunables or {}),
+        )
+        return fn
+
+    return deco
+
+
+def unregister(name: str) -> None:
+    """Remove an implementation (used by tests that register throwaway ones)."""
+    _REGISTRY.pop(name, None)
+
+
+def _load_all() -> None:
+    """Import the bundled ``impls`` modules and the ``attnbench.impls`` entry points once."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    try:
+        import impls
+    except ImportError as e:  # pragma: no cover - broken install
+        _BROKEN["impls"] = f"{type(e).__name__}: {e}"
+        impls = None
+    if impls is not None:
+        for mod in sorted(pkgutil.iter_modules(impls.__path__), key=lambda m: m.name):
+            if mod.name.startswith("_"):
+                continue
+            try:
+                importlib.import_module(f"impls.{mod.name}")
+            except Exception as e:
+                _BROKEN[f"impls.{mod.name}"] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=2)}"
+    try:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group="attnbench.impls"):
+            try:
+                ep.load()
+            except Exception as e:
+                _BROKEN[f"entry point {ep.name}"] = f"{type(e).__name__}: {e}"
+    except Exception:  # pragma: no cover
+        pass
+
+
+def list_impls() -> list[str]:
+    """Names of every registered implementation (available here or not), sorted."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get_impl(name: str) -> Impl:
+    """The registry entry for ``name``; a clear error listing the choices otherwise."""
+    _load_all()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"impl={name!r}: unknown implementation; choose one of: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def describe() -> list[dict]:
+    """One dict per implementation: name, available (or why not), devices, dtypes, features.
+
+    ``attnbench.describe()`` pretty-prints nothing: turn it into a DataFrame or use
+    ``python -m attnbench.describe``.
+    """
+    _load_all()
+    rows = []
+    for name in sorted(_REGISTRY):
+        im = _REGISTRY[name]
+        why = im.unavailable_reason()
+        rows.append(
+            {
+                "name": name,
+                "available": why is None,
+                "reason": why or "",
+                "devices": ",".join(im.devices),
+                "dtypes": ",".join(DTYPE_NAMES.get(t, str(t)) for t in im.dtypes),
+                "features": ",".join(f for f in FEATURES if f in im.features),
+                "description": im.description,
+            }
+        )
+    for mod, err in _BROKEN.items():
+        rows.append(
+            {
+                "name": mod,
+                "available": False,
+                "reason": "failed to import: " + err.splitlines()[0],
+                "devices": "",
+                "dtypes": "",
+                "features": "",
+                "description": "",
+            }
+        )
+    return rows
+
+
+def validate_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> None:
+    """Shape, dtype and device checks shared by every entry point."""
+    if not isinstance(pattern, Pattern):
+        raise ValueError(f"pattern: expected attnbench.Pattern, got {type(pattern).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name}: expected a floating dtype (fp64, fp32, fp16, bf16), got {t.dtype}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(
+            f"q, k, v must have the same shape (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must have the same dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on the same device; got {q.device}, {k.device}, {v.device}")
+    B, H, n, D = q.shape
+    if B < 1 or H < 1 or n < 1 or D < 1:
+        raise ValueError(f"q: every dimension must be >= 1, got shape {tuple(q.shape)}")
+    pattern.validate(n, H)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    impl: str = "chunked",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Longformer attention with the named implementation.
+
+    Args:
+        q, k, v: ``(batch, heads, seq, head_dim)``, same dtype and device.
+        pattern: the :class:`Pattern`.
+        impl: a name from :func:`list_impls`.
+        scale: softmax scale, ``1/sqrt(head_dim)`` by default.
+    Returns:
+        ``(batch, heads, seq, head_dim)`` in the input dtype.
+    Raises:
+        ValueError: bad inputs; :class:`UnsupportedError` listing every reason the
+            implementation cannot run this call (it never falls back to another).
+    """
+    validate_inputs(q, k, v, pattern)
+    im = get_impl(impl)
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    reasons = im.not_supported_reasons(pattern, device=q.device, dtype=q.dtype, backward=backward, q=q)
+    if reasons:
+        raise UnsupportedError(impl, reasons)
+    out = im.fn(q, k, v, pattern, default_scale(q.shape[-1], scale))
+    if out.shape != q.shape or out.dtype != q.dtype:  # a contract, enforced for plugins too
+        raise RuntimeError(
+            f"impl={impl!r} returned shape {tuple(out.shape)} dtype {out.dtype}; expected {tuple(q.shape)} {q.dtype}"
+        )
+    return out
