@@ -119,7 +119,8 @@ class Pattern:
         if self.global_tokens and self.global_tokens[-1] >= seq_len:
             bad = [g for g in self.global_tokens if g >= seq_len]
             raise ValueError(
-                f"global_tokens={self.global_tokens!r}: position(s) {bad} out of range; allowed 0 <= g < seq_len={seq_len}"
+                f"global_tokens={self.global_tokens!r}: position(s) {bad} out of range; "
+                f"allowed 0 <= g < seq_len={seq_len}"
             )
         if heads is not None:
             self.dilations(heads)

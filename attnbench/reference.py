@@ -1,6 +1,6 @@
 """The oracle: dense masked softmax attention in float64, derived from ``Pattern.mask``.
 
-    out[b, h, i] = sum_j softmax_j(scale * q[b,h,i] . k[b,h,j] | mask[h,i,j]) v[b,h,j]
+out[b, h, i] = sum_j softmax_j(scale * q[b,h,i] . k[b,h,j] | mask[h,i,j]) v[b,h,j]
 """
 
 from __future__ import annotations

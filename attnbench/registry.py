@@ -77,6 +77,10 @@ class Impl:
             used by the benchmark's memory guard.
         description: one line for ``describe()``.
         module: the module that registered it.
+        tunables: default tunables (block sizes...), recorded with results.
+        slow_on_cpu: runs interpreted or looped on the CPU; the test suite then uses
+            its reduced (small) case list on the CPU and the benchmark's time guard
+            is stricter.
     """
 
     name: str
@@ -90,6 +94,7 @@ class Impl:
     description: str = ""
     module: str = ""
     tunables: dict = field(default_factory=dict)
+    slow_on_cpu: bool = False
 
     def unavailable_reason(self) -> str | None:
         """Why it cannot run on this machine at all, or None."""
@@ -167,6 +172,7 @@ def register(
     memory: Callable[..., float] | None = None,
     description: str = "",
     tunables: dict | None = None,
+    slow_on_cpu: bool = False,
 ) -> Callable[[ImplFn], ImplFn]:
     """Decorator registering ``fn(q, k, v, pattern, scale) -> out`` under ``name``.
 
@@ -194,6 +200,7 @@ def register(
             description=description or _first_line(fn.__doc__),
             module=getattr(fn, "__module__", ""),
             tunables=dict(tunables or {}),
+            slow_on_cpu=slow_on_cpu,
         )
         return fn
 
@@ -248,7 +255,8 @@ def get_impl(name: str) -> Impl:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise ValueError(f"impl={name!r}: unknown implementation; choose one of: {', '.join(sorted(_REGISTRY))}") from None
+        choices = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"impl={name!r}: unknown implementation; choose one of: {choices}") from None
 
 
 def describe() -> list[dict]:

@@ -1,8 +1,8 @@
 """naive: the paper's full self-attention, dense QK^T masked to the pattern.
 
-    S = scale * Q K^T            # (B, H, n, n): quadratic memory
-    P = softmax(S masked to Pattern.mask)
-    O = P V
+S = scale * Q K^T            # (B, H, n, n): quadratic memory
+P = softmax(S masked to Pattern.mask)
+O = P V
 """
 
 from __future__ import annotations
