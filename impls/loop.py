@@ -54,11 +54,15 @@ def loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, sc
     parts = []
     for d, heads in head_groups(pattern, H):
         qg, kg, vg = (gather_heads(t, heads) for t in (q, k, v))  # (B, Hg, n, D)
+        # Gather from copies in >= fp32: the backward of each gather adds one row's
+        # gradient into dK/dV, and n such additions in bf16 would lose what a single
+        # matrix product (fp32 accumulation) keeps. The arithmetic stays in q's dtype.
+        kg, vg = kg.to(acc), vg.to(acc)
         rows = []
         for i in range(n):
             idx = _keys(i, n, d, pattern, glob, i in gset)  # (K,)
-            kk = kg.index_select(2, idx)  # (B, Hg, K, D)
-            vv = vg.index_select(2, idx)  # (B, Hg, K, D)
+            kk = kg.index_select(2, idx).to(q.dtype)  # (B, Hg, K, D)
+            vv = vg.index_select(2, idx).to(q.dtype)  # (B, Hg, K, D)
             s = torch.matmul(kk, qg[:, :, i, :, None]).squeeze(-1) * scale  # (B, Hg, K)
             p = torch.softmax(s.to(acc), dim=-1).to(v.dtype)
             rows.append(torch.matmul(p.unsqueeze(-2), vv).squeeze(-2))  # (B, Hg, D)

@@ -1,0 +1,172 @@
+"""Every registered implementation against the float64 reference.
+
+Parametrised over the registry x pattern cases x dtypes the implementation declares.
+The tolerance is relative to PyTorch's own low-precision error: an implementation may
+err at most twice as much as ``naive`` (dense attention) in the same dtype, plus a
+small atol. Implementations registered ``slow_on_cpu`` (interpreted kernels,
+compile-heavy baselines) run the cases marked ``small`` on the CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import pytest
+import torch
+from conftest import DEVICE, compare, impl_or_skip, rand_qkv
+
+import attnbench
+from attnbench import Pattern
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    B: int
+    H: int
+    n: int
+    D: int
+    pattern: Pattern
+    small: bool = False  # also run for slow_on_cpu implementations
+
+    def __str__(self) -> str:
+        return self.id
+
+
+CASES = [
+    Case("n1", 1, 2, 1, 16, Pattern(4), small=True),
+    Case("n7-w0", 1, 2, 7, 16, Pattern(0), small=True),
+    Case("n97-w8", 1, 2, 97, 16, Pattern(8), small=True),
+    Case("n97-w256-dense", 1, 2, 97, 16, Pattern(256), small=True),
+    Case("n97-w10-d3", 1, 2, 97, 16, Pattern(10, 3), small=True),
+    Case("n257-w16-d2-hd40", 1, 2, 257, 40, Pattern(16, 2)),
+    Case("n1000-w64", 1, 2, 1000, 64, Pattern(64)),
+    Case("n1000-w32-d3-g", 1, 2, 1000, 16, Pattern(32, 3, False, (0, 500, 999))),
+    Case("n98-perhead-1123", 1, 4, 98, 16, Pattern(6, (1, 1, 2, 3)), small=True),
+    Case("n97-g-start", 1, 2, 97, 16, Pattern(8, global_tokens=(0,)), small=True),
+    Case("n97-g-mid-end", 1, 2, 97, 16, Pattern(8, global_tokens=(48, 96)), small=True),
+    Case("n97-g-many", 1, 2, 97, 16, Pattern(4, global_tokens=range(0, 97, 3))),
+    Case("n97-causal", 1, 2, 97, 16, Pattern(8, causal=True), small=True),
+    Case("n97-causal-d2-g", 1, 2, 97, 32, Pattern(6, 2, True, (0, 50)), small=True),
+    Case("n61-causal-perhead-g", 1, 4, 61, 16, Pattern(4, (1, 2, 3, 1), True, (5, 60))),
+    Case("b3-n50-d2-g", 3, 2, 50, 16, Pattern(8, 2, False, (0,)), small=True),
+    Case("n130-hd128-g", 1, 2, 130, 128, Pattern(16, global_tokens=(0,))),
+    Case("b2-n257-perhead-g", 2, 4, 257, 32, Pattern(16, (1, 1, 2, 3), False, (0, 128, 256))),
+]
+
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+GRAD_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def _params(dtypes: list[torch.dtype], backward: bool):
+    out = []
+    for name in attnbench.list_impls():
+        im = attnbench.get_impl(name)
+        if backward and "backward" not in im.features:
+            continue
+        slow = im.slow_on_cpu and DEVICE == "cpu"
+        for case in CASES:
+            if slow and not case.small:
+                continue
+            if attnbench.registry.required_features(case.pattern, backward=backward) and not set(
+                attnbench.registry.required_features(case.pattern, backward=backward)
+            ) <= set(im.features):
+                continue  # refusal is tested in test_errors.py
+            for dt in dtypes:
+                if dt in im.dtypes:
+                    out.append(pytest.param(name, case, dt, id=f"{name}-{case.id}-{str(dt)[6:]}"))
+    return out
+
+
+@functools.cache
+def _naive_error(case: Case, dtype: torch.dtype) -> float:
+    q, k, v = rand_qkv(case.B, case.H, case.n, case.D, dtype)
+    ref = attnbench.reference(q, k, v, case.pattern)
+    return (attnbench.attention(q, k, v, case.pattern, impl="naive").double() - ref).abs().max().item()
+
+
+@functools.cache
+def _naive_grad_error(case: Case, dtype: torch.dtype) -> tuple[float, float, float]:
+    return tuple(e for e, _ in _grads("naive", case, dtype))
+
+
+def _grads(impl: str, case: Case, dtype: torch.dtype):
+    """[(max error, grad tensor) for dq, dk, dv] of ``impl`` against the reference."""
+    q, k, v = rand_qkv(case.B, case.H, case.n, case.D, dtype, requires_grad=True)
+    g = torch.Generator().manual_seed(1)
+    dout = torch.randn(q.shape, generator=g, dtype=torch.float64).to(q.device)
+    out = attnbench.attention(q, k, v, case.pattern, impl=impl)
+    grads = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attnbench.reference(q64, k64, v64, case.pattern)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), dout)
+    return [((a.double() - b).abs().max().item(), (a, b)) for a, b in zip(grads, ref_grads)]
+
+
+@pytest.mark.parametrize("impl, case, dtype", _params(DTYPES, backward=False))
+def test_forward(impl, case, dtype):
+    impl_or_skip(impl)
+    q, k, v = rand_qkv(case.B, case.H, case.n, case.D, dtype)
+    out = attnbench.attention(q, k, v, case.pattern, impl=impl)
+    assert out.shape == q.shape and out.dtype == dtype
+    compare(out, attnbench.reference(q, k, v, case.pattern), _naive_error(case, dtype), dtype, f"{impl} {case}")
+
+
+@pytest.mark.parametrize("impl, case, dtype", _params(GRAD_DTYPES, backward=True))
+def test_backward(impl, case, dtype):
+    impl_or_skip(impl)
+    base = _naive_grad_error(case, dtype)
+    for name, (_, (got, want)), b in zip("qkv", _grads(impl, case, dtype), base):
+        compare(got, want, b, dtype, f"{impl} {case} d{name}")
+
+
+NONCONTIG = attnbench.list_impls()
+
+
+@pytest.mark.parametrize("impl", NONCONTIG)
+def test_non_contiguous_inputs(impl):
+    im = impl_or_skip(impl)
+    dtype = torch.float32 if torch.float32 in im.dtypes else im.dtypes[0]
+    p = Pattern(8) if not im.features >= {"global_tokens"} else Pattern(8, global_tokens=(0,))
+    g = torch.Generator().manual_seed(0)
+    # (B, n, H, D) transposed to (B, H, n, D): strides a kernel must not assume away
+    q, k, v = (torch.randn(2, 45, 2, 32, generator=g).to(DEVICE, dtype).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    out = attnbench.attention(q, k, v, p, impl=impl)
+    ref = attnbench.reference(q, k, v, p)
+    base = (attnbench.attention(q, k, v, p, impl="naive").double() - ref).abs().max().item()
+    compare(out, ref, base, dtype, f"{impl} non-contiguous")
+
+
+def test_compare_can_fail():
+    """The comparison is not vacuous: a small perturbation is caught and reported."""
+    q, k, v = rand_qkv(1, 2, 40, 16, torch.float32)
+    p = Pattern(4)
+    ref = attnbench.reference(q, k, v, p)
+    out = attnbench.attention(q, k, v, p, impl="chunked")
+    with pytest.raises(AssertionError, match=r"max abs diff .* mean abs diff"):
+        compare(out + 1e-3, ref, 0.0, torch.float32, "perturbed")
+
+
+def test_reference_rows_matches_reference():
+    p = Pattern(6, (1, 3), True, (0, 30))
+    q, k, v = rand_qkv(2, 2, 77, 16, torch.float32)
+    rows = [0, 1, 30, 31, 50, 76]
+    full = attnbench.reference(q, k, v, p)
+    part = attnbench.reference_rows(q, k, v, p, rows)
+    assert part.shape == (2, 2, len(rows), 16)
+    torch.testing.assert_close(part, full[:, :, rows], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match=r"rows: every row must lie in \[0, 77\)"):
+        attnbench.reference_rows(q, k, v, p, [77])
+
+
+def test_reference_is_float64_masked_softmax():
+    """Independent of the mask code: a 3-token example worked by hand."""
+    q = torch.tensor([[[[1.0], [0.0], [2.0]]]])
+    k = torch.tensor([[[[1.0], [1.0], [1.0]]]])
+    v = torch.tensor([[[[1.0], [2.0], [4.0]]]])
+    out = attnbench.reference(q, k, v, Pattern(0, global_tokens=(1,)), scale=1.0)
+    # row 0 sees keys 0, 1 with equal scores -> 1.5; row 1 (global) sees all -> 7/3; row 2 sees 1, 2 -> 3
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.flatten(), torch.tensor([1.5, 7 / 3, 3.0], dtype=torch.float64))

@@ -1,0 +1,181 @@
+"""The Pattern: validation, hand-drawn masks, pairs() against the mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnbench import Pattern
+
+
+def drawn(picture: str) -> torch.Tensor:
+    """Parse a mask drawn with 'x' (attended) and '.' (not)."""
+    rows = [r.split() for r in picture.strip().splitlines()]
+    return torch.tensor([[c == "x" for c in r] for r in rows])
+
+
+def test_hand_drawn_sliding_window():
+    # w = 2: one neighbour each side, truncated at the edges
+    expect = drawn(
+        """
+        x x . . . .
+        x x x . . .
+        . x x x . .
+        . . x x x .
+        . . . x x x
+        . . . . x x
+        """
+    )
+    assert torch.equal(Pattern(2).mask(6), expect)
+
+
+def test_hand_drawn_dilated_causal():
+    # w = 2, d = 2, causal: keys i, i-2, i-4
+    expect = drawn(
+        """
+        x . . . . . .
+        . x . . . . .
+        x . x . . . .
+        . x . x . . .
+        x . x . x . .
+        . x . x . x .
+        . . x . x . x
+        """
+    )
+    assert torch.equal(Pattern(2, dilation=2, causal=True).mask(7), expect)
+
+
+def test_hand_drawn_global():
+    # w = 2 with token 3 global: row 3 and column 3 are full
+    expect = drawn(
+        """
+        x x . x . . .
+        x x x x . . .
+        . x x x . . .
+        x x x x x x x
+        . . . x x x .
+        . . . x x x x
+        . . . x . x x
+        """
+    )
+    assert torch.equal(Pattern(2, global_tokens=[3]).mask(7), expect)
+
+
+def test_causal_global_still_causal():
+    m = Pattern(2, causal=True, global_tokens=(0, 4)).mask(6)
+    assert not torch.triu(m, diagonal=1).any()
+    assert m[4, :5].all() and m[:, 0].all()
+
+
+def test_window_covering_sequence_is_dense():
+    assert Pattern(20).mask(7).all()
+    assert torch.equal(Pattern(20, causal=True).mask(7), torch.tril(torch.ones(7, 7, dtype=torch.bool)))
+
+
+def test_per_head_mask_and_dilations():
+    p = Pattern(2, dilation=(1, 2))
+    m = p.mask(5, heads=2)
+    assert m.shape == (2, 5, 5)
+    assert torch.equal(m[0], Pattern(2).mask(5)) and torch.equal(m[1], Pattern(2, 2).mask(5))
+    with pytest.raises(ValueError, match="heads=3"):
+        p.mask(5, heads=3)
+    with pytest.raises(ValueError, match="per-head dilation needs heads"):
+        p.mask(5)
+
+
+def test_normalisation():
+    p = Pattern(4, dilation=[1, 2], global_tokens=[5, 0, 5, 2])
+    assert p.global_tokens == (0, 2, 5) and p.dilation == (1, 2)
+    assert Pattern(4, global_tokens=range(3)).global_tokens == (0, 1, 2)
+    assert hash(p) == hash(Pattern(4, dilation=(1, 2), global_tokens=(0, 2, 5)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, allowed",
+    [
+        ({"window": 3}, "window=3", "even int >= 0"),
+        ({"window": -2}, "window=-2", "even int >= 0"),
+        ({"window": 2.0}, "window=2.0", "even int >= 0"),
+        ({"window": True}, "window=True", "even int >= 0"),
+        ({"window": "4"}, "window='4'", "even int >= 0"),
+        ({"window": 2, "dilation": 0}, "dilation=0", "int >= 1"),
+        ({"window": 2, "dilation": 1.5}, "dilation=1.5", "int >= 1"),
+        ({"window": 2, "dilation": (1, 0)}, "dilation=(1, 0)", "ints >= 1"),
+        ({"window": 2, "dilation": ()}, "dilation=()", "non-empty"),
+        ({"window": 2, "global_tokens": (-1,)}, "global_tokens=(-1,)", "int >= 0"),
+        ({"window": 2, "global_tokens": (1.5,)}, "global_tokens=(1.5,)", "int >= 0"),
+        ({"window": 2, "global_tokens": "0"}, "global_tokens='0'", "sequence of int"),
+        ({"window": 2, "causal": "yes"}, "causal='yes'", "bool"),
+    ],
+)
+def test_invalid_values_name_field_value_and_rule(kwargs, field, allowed):
+    with pytest.raises(ValueError) as e:
+        Pattern(**kwargs)
+    assert field in str(e.value) and allowed in str(e.value)
+
+
+def test_global_out_of_range_and_per_head_length():
+    with pytest.raises(ValueError, match=r"global_tokens=\(0, 9\).*0 <= g < seq_len=9"):
+        Pattern(2, global_tokens=(0, 9)).mask(9)
+    with pytest.raises(ValueError, match=r"dilation=\(1, 2, 3\).*3 entries.*heads=2"):
+        Pattern(2, dilation=(1, 2, 3)).pairs(10, heads=2)
+    with pytest.raises(ValueError, match="seq_len=0"):
+        Pattern(2).mask(0)
+
+
+def test_pairs_known_value():
+    # n=6, w=2: 2 + 3*4 + 2 edge-truncated rows
+    assert Pattern(2).pairs(6) == 16
+    assert Pattern(2).pairs(6, heads=3) == 48
+    # causal does the same work per interior query: w + 1
+    assert Pattern(4, causal=True).pairs(100) == sum(min(i, 4) + 1 for i in range(100))
+
+
+patterns = st.builds(
+    lambda w, d, causal, g, n, per_head, heads: (
+        Pattern(2 * w, tuple(d for _ in range(heads)) if per_head else d, causal, [x % n for x in g]),
+        n,
+        heads,
+    ),
+    w=st.integers(0, 8),
+    d=st.integers(1, 4),
+    causal=st.booleans(),
+    g=st.lists(st.integers(0, 1000), max_size=5),
+    n=st.integers(1, 60),
+    per_head=st.booleans(),
+    heads=st.integers(1, 3),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(patterns)
+def test_pairs_equals_mask_sum(case):
+    p, n, heads = case
+    m = p.mask(n, heads=heads)
+    assert p.pairs(n, heads) == int(m.sum())
+    assert m.diagonal(dim1=-2, dim2=-1).all(), "every row attends to itself"
+
+
+@settings(max_examples=100, deadline=None)
+@given(patterns)
+def test_mask_matches_the_rule(case):
+    """The mask equals the rule in the docstring, evaluated pair by pair."""
+    p, n, heads = case
+    m = p.mask(n, heads=heads)
+    lo, hi = p.offset_range
+    g = set(p.global_tokens)
+    for h, d in enumerate(p.dilations(heads)):
+        for i in range(n):
+            for j in range(n):
+                in_win = (j - i) % d == 0 and lo <= (j - i) // d <= hi
+                want = (in_win or i in g or j in g) and (not p.causal or j <= i)
+                assert bool(m[h, i, j]) == want, (p, n, h, i, j)
+
+
+def test_mask_rows_matches_mask():
+    p = Pattern(4, dilation=(1, 3), causal=False, global_tokens=(2, 40))
+    full = p.mask(50, heads=2)
+    rows = torch.tensor([0, 2, 17, 40, 49])
+    assert torch.equal(p.mask_rows(rows, 50, heads=2), full[:, rows])

@@ -1,0 +1,172 @@
+"""Registry behaviour, lazy imports, and the errors users see."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import attnbench
+from attnbench import Pattern, UnsupportedError
+from attnbench import registry as reg
+
+
+@pytest.fixture
+def throwaway():
+    """Register implementations for one test only."""
+    names = []
+
+    def make(name, **kw):
+        names.append(name)
+
+        @attnbench.register(name, **kw)
+        def fn(q, k, v, pattern, scale):
+            return q.clone()
+
+        return fn
+
+    yield make
+    for n in names:
+        reg.unregister(n)
+
+
+def test_builtin_impls_registered():
+    names = attnbench.list_impls()
+    assert {"naive", "loop", "chunked"} <= set(names)
+    rows = {r["name"]: r for r in attnbench.describe()}
+    assert rows["chunked"]["available"] and "backward" in rows["chunked"]["features"]
+    for r in rows.values():  # every unavailable implementation says why
+        assert r["available"] or r["reason"], r
+
+
+def test_import_is_lazy():
+    code = (
+        "import sys, attnbench\n"
+        "assert 'triton' not in sys.modules and 'cupy' not in sys.modules, 'eager import'\n"
+        "assert 'impls' not in sys.modules, 'implementations imported eagerly'\n"
+        "attnbench.list_impls(); attnbench.describe()\n"
+        "bad = [m for m in ('triton', 'cupy', 'flash_attn', 'transformers') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_duplicate_name_is_an_error(throwaway):
+    throwaway("dup_impl")
+    with pytest.raises(ValueError, match="'dup_impl' is already registered"):
+        throwaway("dup_impl")
+    with pytest.raises(ValueError, match="already registered"):
+        attnbench.register("chunked")(lambda *a: None)
+
+
+def test_unknown_feature_in_registration():
+    with pytest.raises(ValueError, match=r"unknown feature\(s\) \['sparse'\]"):
+        attnbench.register("x", features=("sparse",))
+
+
+def test_unsupported_lists_every_reason(throwaway):
+    throwaway("bare", devices=("cuda",), dtypes=(torch.float16,), features=())
+    q = k = v = torch.randn(1, 2, 16, 8, requires_grad=True)
+    with pytest.raises(UnsupportedError) as e:
+        attnbench.attention(q, k, v, Pattern(4, (1, 2), True, (0,)), impl="bare")
+    msg = str(e.value)
+    for part in (
+        "device 'cpu' not supported",
+        "dtype fp32 not supported",
+        "'dilation'",
+        "'per_head_dilation'",
+        "'global_tokens'",
+        "'causal'",
+        "'backward'",
+    ):
+        assert part in msg, msg
+    assert len(e.value.reasons) == 7
+
+
+def test_unavailable_probe_is_a_reason(throwaway):
+    throwaway("needs_pkg", probe=lambda: "needs the 'nonexistent' package (not installed)")
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(UnsupportedError, match="nonexistent"):
+        attnbench.attention(q, q, q, Pattern(2), impl="needs_pkg")
+    assert {r["name"]: r for r in attnbench.describe()}["needs_pkg"]["available"] is False
+
+
+def test_no_silent_fallback(throwaway):
+    """An implementation that cannot run raises: it is never replaced by another."""
+    throwaway("fp16_only", dtypes=(torch.float16,), features=reg.FEATURES)
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(UnsupportedError):
+        attnbench.attention(q, q, q, Pattern(2), impl="fp16_only")
+
+
+def test_output_contract_enforced(throwaway):
+    @attnbench.register("bad_shape")
+    def bad(q, k, v, pattern, scale):
+        return q[..., :1]
+
+    try:
+        q = torch.randn(1, 1, 4, 8)
+        with pytest.raises(RuntimeError, match="returned shape"):
+            attnbench.attention(q, q, q, Pattern(2), impl="bad_shape")
+    finally:
+        reg.unregister("bad_shape")
+
+
+def test_unknown_impl_names_choices():
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="impl='nope': unknown implementation; choose one of: .*chunked"):
+        attnbench.attention(q, q, q, Pattern(2), impl="nope")
+
+
+@pytest.mark.parametrize(
+    "shapes, dtypes, match",
+    [
+        (((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 9, 4)), None, "same shape"),
+        (((2, 8, 4), (2, 8, 4), (2, 8, 4)), None, "expected 4 dims"),
+        (None, (torch.float32, torch.float64, torch.float32), "same dtype"),
+        (None, (torch.int64, torch.int64, torch.int64), "floating dtype"),
+    ],
+)
+def test_bad_inputs(shapes, dtypes, match):
+    shapes = shapes or ((1, 2, 8, 4),) * 3
+    dtypes = dtypes or (torch.float32,) * 3
+    q, k, v = (torch.zeros(s, dtype=d) for s, d in zip(shapes, dtypes))
+    with pytest.raises(ValueError, match=match):
+        attnbench.attention(q, k, v, Pattern(2))
+
+
+def test_mismatched_devices():
+    q = torch.zeros(1, 1, 4, 8)
+    k = torch.zeros(1, 1, 4, 8, device="meta")
+    with pytest.raises(ValueError, match="same device"):
+        attnbench.attention(q, k, q, Pattern(2))
+
+
+def test_pattern_checked_against_input():
+    q = torch.zeros(1, 3, 10, 8)
+    with pytest.raises(ValueError, match="3 entries but the input has heads=3|heads=3"):
+        attnbench.attention(q, q, q, Pattern(2, dilation=(1, 2)))
+    with pytest.raises(ValueError, match="0 <= g < seq_len=10"):
+        attnbench.attention(q, q, q, Pattern(2, global_tokens=(10,)))
+    with pytest.raises(ValueError, match="expected attnbench.Pattern"):
+        attnbench.attention(q, q, q, {"window": 2})
+
+
+def test_entry_point_plugins_load(monkeypatch):
+    """Other packages add implementations through the 'attnbench.impls' group."""
+    import importlib.metadata as md
+
+    class EP:
+        name = "plugin"
+
+        def load(self):
+            @attnbench.register("from_plugin")
+            def fn(q, k, v, pattern, scale):
+                return q
+
+    monkeypatch.setattr(md, "entry_points", lambda group=None: [EP()] if group == "attnbench.impls" else [])
+    monkeypatch.setattr(reg, "_LOADED", False)
+    monkeypatch.setattr(reg, "_REGISTRY", dict(reg._REGISTRY))
+    assert "from_plugin" in attnbench.list_impls() and "chunked" in attnbench.list_impls()
