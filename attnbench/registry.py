@@ -79,8 +79,9 @@ class Impl:
         module: the module that registered it.
         tunables: default tunables (block sizes...), recorded with results.
         slow_on_cpu: runs interpreted or looped on the CPU; the test suite then uses
-            its reduced (small) case list on the CPU and the benchmark's time guard
-            is stricter.
+            its reduced (small) case list on the CPU.
+        interpreted_on_cpu: on the CPU it runs in an interpreter (Triton's); the
+            benchmark skips large sizes there unless asked.
     """
 
     name: str
@@ -95,6 +96,7 @@ class Impl:
     module: str = ""
     tunables: dict = field(default_factory=dict)
     slow_on_cpu: bool = False
+    interpreted_on_cpu: bool = False
 
     def unavailable_reason(self) -> str | None:
         """Why it cannot run on this machine at all, or None."""
@@ -173,6 +175,7 @@ def register(
     description: str = "",
     tunables: dict | None = None,
     slow_on_cpu: bool = False,
+    interpreted_on_cpu: bool = False,
 ) -> Callable[[ImplFn], ImplFn]:
     """Decorator registering ``fn(q, k, v, pattern, scale) -> out`` under ``name``.
 
@@ -201,6 +204,7 @@ def register(
             module=getattr(fn, "__module__", ""),
             tunables=dict(tunables or {}),
             slow_on_cpu=slow_on_cpu,
+            interpreted_on_cpu=interpreted_on_cpu,
         )
         return fn
 
