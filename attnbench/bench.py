@@ -55,7 +55,7 @@ import torch
 
 from .pattern import Pattern
 from .reference import reference, reference_rows
-from .registry import DTYPE_NAMES, UnsupportedError, get_impl, list_impls, required_features
+from .registry import UnsupportedError, get_impl
 
 __all__ = [
     "BenchConfig",
@@ -270,6 +270,7 @@ def _base_row(c: BenchConfig) -> dict:
     p = c.pattern()
     d = c.dilation
     return {
+        **dict.fromkeys(COLUMNS),  # measured fields stay None (an empty cell) unless measured
         "study": c.study,
         "impl": c.impl,
         "pattern": p.describe(),
@@ -544,12 +545,13 @@ def _time(c: BenchConfig) -> dict:
     }
 
 
-def _peak_memory(c: BenchConfig) -> dict:
+def _peak_memory(c: BenchConfig, warm: bool = False) -> dict:
     case = _Case(c)
     fn, setup = case.runner()
     dev = case.dev
-    setup()
-    fn()  # compile / autotune / allocator warm-up outside the measured call
+    if not warm:
+        setup()
+        fn()  # compile / autotune / allocator warm-up outside the measured call
     setup()
     _sync(dev)
     if dev.type == "cuda":
@@ -626,7 +628,7 @@ def _measure_here(c: BenchConfig) -> dict:
         row.update(_time(c))
         _trim()
         if c.memory:
-            row.update(_peak_memory(c))
+            row.update(_peak_memory(c, warm=True))  # the timing pass compiled and warmed it up
         row["tflops"] = row["flops"] / (row["time_ms_median"] * 1e-3) / 1e12
         row["status"] = "ok"
         tun = _impl_config(c.impl)
@@ -830,10 +832,18 @@ def sweep(
             bar = tqdm(total=len(todo), desc="attnbench", unit="job", file=sys.stderr)
     if skipped:
         print(f"resume: {skipped} configuration(s) already in the results table, skipped", file=sys.stderr)
+    history: dict[tuple, list[dict]] = {}
     for c in todo:
         if bar is not None:
             bar.set_postfix_str(f"{c.impl} n={c.seq_len} {c.dtype} {c.mode}")
-        row = measure(c)
+        series = history.setdefault(_series_key(c), [])
+        stop = _predict_stop(c, series)
+        if stop:
+            row = _base_row(c)
+            row["status"], row["reason"] = "skipped", stop
+        else:
+            row = measure(c)
+        series.append(row)
         row.pop("traceback", None)
         append_row(results_path(c), row)
         rows.append(row)
@@ -844,6 +854,39 @@ def sweep(
     if bar is not None:
         bar.close()
     return rows
+
+
+def _series_key(c: BenchConfig) -> tuple:
+    return (c.impl, c.pattern(), c.dtype, c.mode, c.device, c.batch, c.heads, c.head_dim, c.study)
+
+
+def _predict_stop(c: BenchConfig, series: list[dict]) -> str | None:
+    """Within one series (same impl, pattern, dtype, mode, shape but n), do not start
+    what cannot finish: after an OOM at a smaller n, or when the measured times
+    predict a job longer than ``job_timeout_s``."""
+    smaller = [r for r in series if int(r["seq_len"]) < c.seq_len]
+    for r in smaller:
+        if r["status"] == "oom":
+            return f"over the memory budget: ran out of memory at seq_len={r['seq_len']}"
+        if r["status"] == "skipped" and str(r["reason"]).startswith("over the time budget"):
+            return f"over the time budget: already over it at seq_len={r['seq_len']}"
+    ok = sorted((int(r["seq_len"]), float(r["time_ms_median"])) for r in smaller if r["status"] == "ok")
+    if not ok:
+        return None
+    (n1, t1) = ok[-1]
+    e = 2.0
+    if len(ok) >= 2 and ok[-2][0] < n1 and ok[-2][1] > 0:
+        n0, t0 = ok[-2]
+        e = min(2.5, max(1.0, math.log(t1 / t0) / math.log(n1 / n0)))
+    t_pred = t1 * (c.seq_len / n1) ** e / 1e3  # seconds per call
+    calls = 4 + c.warmup + c.min_reps  # verify, first call, warm-up, timed calls, memory pass
+    job = t_pred * calls
+    if job > c.job_timeout_s:
+        return (
+            f"over the time budget: predicted ~{job:.0f} s for this job (~{t_pred:.1f} s a call, "
+            f"from n={n1}, exponent {e:.1f}) > job_timeout_s={c.job_timeout_s:g}"
+        )
+    return None
 
 
 def expand(base: BenchConfig, grid: dict[str, Sequence]) -> list[BenchConfig]:

@@ -61,6 +61,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.text import Annotation
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
 __all__ = [
@@ -396,6 +397,14 @@ def short_reason(status: str, reason: str = "") -> str:
     return status or "?"
 
 
+def _long_reason(status: str, reason: str, limit: int = 70) -> str:
+    """The reason text of a skipped row (shortened), else :func:`short_reason`."""
+    reason = _one_line(reason)
+    if str(status).strip().lower() == "skipped" and reason:
+        return reason if len(reason) <= limit else reason[: limit - 1] + "…"
+    return short_reason(status, reason)
+
+
 def _fmt_n(n: float) -> str:
     """Sequence length in k/M units when exact: 512, 4k, 64k, 1M."""
     n = int(n)
@@ -410,9 +419,10 @@ def _fmt_value(v: float, _pos: object = None) -> str:
     """Plain tick label for a log axis: 0.01, 0.5, 3, 200, 1e+05."""
     if v <= 0:
         return ""
-    if 1e-3 <= v < 1e5:
+    if 1e-3 <= v < 1e6:
         return f"{v:g}"
-    return f"{v:.0e}"
+    mantissa, exponent = f"{v:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def impl_color(impl: str) -> str:
@@ -462,7 +472,8 @@ def _analyse(rows: pd.DataFrame) -> _Line:
     bad = rows[~ok]
     labels = [short_reason(s, r) for s, r in zip(bad["status"], bad["reason"])]
     if good.empty:
-        line.never_ok = ", ".join(dict.fromkeys(labels))
+        whys = [_long_reason(s, r) for s, r in zip(bad["status"], bad["reason"])]
+        line.never_ok = "; ".join(dict.fromkeys(whys))
         return line
     last_ok = good["seq_len"].max()
     for n, label in zip(bad["seq_len"], labels):
@@ -505,22 +516,84 @@ def _draw_reference_slopes(ax: Axes, x0: float, x1: float, y0: float) -> None:
     for p, label in ((1, "∝ n"), (2, "∝ n²")):
         ys = y0 * (xs / x0) ** p
         ax.plot(xs, ys, ls=(0, (5, 4)), color="#9a9a9a", lw=0.9, alpha=0.8, zorder=1)
-        inside = ys <= ylim[1] / 1.15
+        inside = ys <= ylim[1] / 1.05
         if inside.any():
             i = int(np.flatnonzero(inside)[-1])
+            exits = i < len(xs) - 1
             ax.annotate(
                 label,
                 (xs[i], ys[i]),
-                xytext=(2, -2 if p == 1 else 2),
+                xytext=(-4, 0) if exits else (-2, 3 if p == 2 else -3),
                 textcoords="offset points",
-                ha="left" if i < len(xs) - 1 else "right",
-                va="top" if p == 1 else "bottom",
+                ha="right",
+                va="top" if exits or p == 1 else "bottom",
                 color="#8a8a8a",
                 fontsize=7.5,
                 zorder=1,
             )
     ax.set_xlim(xlim)
     ax.set_ylim(ylim)
+
+
+def _annotate_stops(ax: Axes, items: Sequence[tuple[float, float, str, str]]) -> None:
+    """Label the crosses where lines stop, avoiding overlapping labels.
+
+    Crosses with the same label at the same length and nearly the same height share
+    one label. Each label goes beside its cross (to the left near the right edge,
+    else to the right), or above / below it when that spot would overlap an
+    earlier label or leave the axes. Call after the figure layout is final.
+    """
+    fig = ax.get_figure()
+    if fig is None or not items:
+        return
+    renderer = fig.canvas.get_renderer()
+    (x_lo, x_hi) = ax.get_xlim()
+    merged: list[tuple[float, float, str, str]] = []
+    for x, y, text, color in sorted(items, key=lambda t: (t[0], t[2], t[1])):
+        if merged:
+            px, py, ptext, pcolor = merged[-1]
+            if px == x and ptext == text and max(y, py) / min(y, py) < 2.0:
+                merged[-1] = (x, max(y, py), text, pcolor if pcolor == color else "#444444")
+                continue
+        merged.append((x, y, text, color))
+    box = ax.get_window_extent(renderer)
+    placed = []
+    for x, y, text, color in sorted(merged, key=lambda t: -t[1]):
+        frac = math.log(x / x_lo) / math.log(x_hi / x_lo) if x_hi > x_lo > 0 else 0.0
+        s = -1 if frac > 0.62 else 1
+        ha = "right" if s < 0 else "left"
+        candidates = [(8 * s, 0, "center"), (5 * s, 6, "bottom"), (5 * s, -6, "top")]
+        candidates += [(5 * s, 6 + 10 * k, "bottom") for k in range(1, 4)]
+        candidates += [(5 * s, -6 - 10 * k, "top") for k in range(1, 4)]
+        for dx, dy, va in candidates:
+            ann = _stop_label(ax, text, (x, y), (dx, dy), ha, va, color)
+            ext = ann.get_window_extent(renderer)
+            inside = ext.y0 >= box.y0 - 2 and ext.y1 <= box.y1 + 2 and ext.x0 >= box.x0 - 2 and ext.x1 <= box.x1 + 8
+            if inside and not any(ext.overlaps(other) for other in placed):
+                break
+            ann.remove()
+        else:  # no free spot: the first choice, beside the cross
+            dx, dy, va = candidates[0]
+            ann = _stop_label(ax, text, (x, y), (dx, dy), ha, va, color)
+        placed.append(ann.get_window_extent(renderer))
+
+
+def _stop_label(
+    ax: Axes, text: str, xy: tuple[float, float], offset: tuple[float, float], ha: str, va: str, color: str
+) -> Annotation:
+    """One label next to a stop cross, ``offset`` points away from it."""
+    return ax.annotate(
+        text,
+        xy,
+        xytext=offset,
+        textcoords="offset points",
+        fontsize=7,
+        color=color,
+        va=va,
+        ha=ha,
+        zorder=5,
+        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8),
+    )
 
 
 def _set_log_limits(ax: Axes, xs: Sequence[float], ys: Sequence[float], ypad: float = 1.6) -> None:
@@ -531,7 +604,11 @@ def _set_log_limits(ax: Axes, xs: Sequence[float], ys: Sequence[float], ypad: fl
     if x.size:
         ax.set_xlim(x.min() / 1.25, x.max() * 1.25)
     if y.size:
-        ax.set_ylim(y.min() / ypad, y.max() * ypad)
+        lo, hi = y.min() / ypad, y.max() * ypad
+        if hi / lo < 100:  # at least two decades, so the log axis has two labelled ticks
+            widen = math.sqrt(100 / (hi / lo))
+            lo, hi = lo / widen, hi * widen
+        ax.set_ylim(lo, hi)
 
 
 def _memory_unit(values: np.ndarray) -> tuple[float, str]:
@@ -543,23 +620,20 @@ def _memory_unit(values: np.ndarray) -> tuple[float, str]:
 
 
 def _line_label(line: _Line, show_pattern: bool, fit_min_n: int | None) -> str:
-    """Legend text: name, pattern when several, fitted exponents, where it stopped."""
+    """Legend text: name, pattern when several, fitted exponents of time and memory."""
     name = f"{line.impl} · {line.pattern}" if show_pattern and line.pattern else line.impl
     et = _fit_larger_half(line.n, line.time_ms, fit_min_n)
     em = _fit_larger_half(line.n, line.mem, fit_min_n)
     parts = []
     if math.isfinite(et):
-        parts.append(f"time n^{et:.1f}")
+        parts.append(f"time $n^{{{et:.1f}}}$")
     if math.isfinite(em):
-        parts.append(f"mem n^{em:.1f}")
-    label = f"{name} ({', '.join(parts)})" if parts else name
-    if line.stop:
-        label += f"\n    stops: {line.stop[1]} at {_fmt_n(line.stop[0])}"
-    return label
+        parts.append(f"mem $n^{{{em:.1f}}}$")
+    return f"{name}  ({', '.join(parts)})" if parts else name
 
 
-def _footnote(lines: Sequence[_Line], show_pattern: bool, device: str | None, fit_note: str) -> list[str]:
-    """Notes under a figure: lines never ok, failures between ok points, the fit rule."""
+def _footnote(lines: Sequence[_Line], show_pattern: bool, device: str | None) -> list[str]:
+    """Notes under a figure: lines without any ok point, failures between ok points."""
     notes = []
     prefix = f"{device}: " if device else ""
     never = [
@@ -599,10 +673,25 @@ def _shape_text(key: dict[str, object]) -> str:
     return " ".join(parts)
 
 
-def _slug(parts: Iterable[object]) -> str:
-    """Safe file-name fragment from key values."""
-    text = "-".join(str(p) for p in parts if str(p) not in ("", "nan"))
-    return re.sub(r"[^A-Za-z0-9.]+", "-", text.replace(" ", "")).strip("-").lower() or "all"
+def _key_texts(key: dict[str, object], keys: Sequence[str]) -> list[str]:
+    """Texts of the named entries of a group key (device, dtype, mode, shape), in that order."""
+    texts = [str(key[k]) for k in ("device_name", "dtype", "mode") if k in keys and str(key[k]) not in ("", "nan")]
+    shape = _shape_text({k: v for k, v in key.items() if k in keys})
+    return [*texts, shape] if shape else texts
+
+
+def _slug(key: dict[str, object], keys: Sequence[str]) -> str:
+    """Safe file-name fragment from the named entries of a group key: ``bf16-fwd-b1-h12-d64``."""
+    short = {"batch": "b", "heads": "h", "head_dim": "d"}
+    parts = []
+    for k in keys:
+        v = key[k]
+        if k in short:
+            if isinstance(v, float) and math.isfinite(v):
+                parts.append(f"{short[k]}{int(v)}")
+        elif str(v) not in ("", "nan"):
+            parts.append(str(v))
+    return re.sub(r"[^A-Za-z0-9.]+", "-", "-".join(parts)).strip("-").lower() or "all"
 
 
 def _groups(df: pd.DataFrame, keys: Sequence[str]) -> list[tuple[dict[str, object], pd.DataFrame]]:
@@ -660,13 +749,16 @@ def scaling_figures(
     figures = []
     for key, sub in groups:
         fig = _scaling_figure(sub, key, fit_min_n, fit_note, dpi)
-        figures.append((_slug(key[k] for k in varying), fig))
+        figures.append((_slug(key, varying), fig))
     return figures
 
 
-def _scaling_figure(sub: pd.DataFrame, key: dict[str, object], fit_min_n: int | None, fit_note: str, dpi: int) -> Figure:
+def _scaling_figure(
+    sub: pd.DataFrame, key: dict[str, object], fit_min_n: int | None, fit_note: str, dpi: int
+) -> Figure:
     """One scaling figure: a row of (time, memory) panels per device."""
-    devices = sorted(sub["device_name"].unique())
+    cpu_names = set(sub.loc[sub["device"] == "cpu", "device_name"])
+    devices = sorted(sub["device_name"].unique(), key=lambda d: (d in cpu_names, d))
     patterns = _pattern_order(sub["pattern"])
     show_pattern = len(patterns) > 1
     style = {p: (_LINESTYLES[i % len(_LINESTYLES)], _MARKERS[i % len(_MARKERS)]) for i, p in enumerate(patterns)}
@@ -683,6 +775,7 @@ def _scaling_figure(sub: pd.DataFrame, key: dict[str, object], fit_min_n: int | 
         axes[r, 1].sharey(axes[0, 1])
 
     notes: list[str] = []
+    stops: dict[Axes, list[tuple[float, float, str, str]]] = {}
     all_t: list[float] = []
     all_m: list[float] = []
     for r, device in enumerate(devices):
@@ -709,17 +802,8 @@ def _scaling_figure(sub: pd.DataFrame, key: dict[str, object], fit_min_n: int | 
                 if line.stop:
                     i = int(np.flatnonzero(good)[-1])
                     ax.plot(line.n[i], vals[i], marker="X", ms=9, color=color, mec="white", mew=0.8, zorder=4)
-                    ax.annotate(
-                        f"{line.stop[1]} at {_fmt_n(line.stop[0])}",
-                        (line.n[i], vals[i]),
-                        xytext=(6, -1),
-                        textcoords="offset points",
-                        fontsize=7,
-                        color=color,
-                        va="center",
-                        ha="left",
-                        zorder=5,
-                        bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.75),
+                    stops.setdefault(ax, []).append(
+                        (line.n[i], vals[i], f"{line.stop[1]} at {_fmt_n(line.stop[0])}", color)
                     )
             all_t.extend(line.time_ms[np.isfinite(line.time_ms)])
             all_m.extend((line.mem / unit)[np.isfinite(line.mem)])
@@ -729,7 +813,7 @@ def _scaling_figure(sub: pd.DataFrame, key: dict[str, object], fit_min_n: int | 
             handles.append(
                 Line2D([], [], ls="none", marker="X", ms=8, color="#555555", mec="white", label="last ok point")
             )
-        notes += _footnote(lines, show_pattern, device if n_rows > 1 else None, fit_note)
+        notes += _footnote(lines, show_pattern, device if n_rows > 1 else None)
 
         prefix = f"{device}\n" if n_rows > 1 else ""
         mode = str(key.get("mode", "")) or sub["mode"].iloc[0]
@@ -748,9 +832,9 @@ def _scaling_figure(sub: pd.DataFrame, key: dict[str, object], fit_min_n: int | 
                 title_fontsize=8.5,
                 alignment="left",
             )
-        else:
-            for ax in (ax_t, ax_m):
-                ax.text(0.5, 0.5, "no ok measurement", transform=ax.transAxes, ha="center", color="#777777")
+        for ax, what in ((ax_t, "time"), (ax_m, "peak-memory")):
+            if not ax.lines:
+                ax.text(0.5, 0.5, f"no {what} measurement", transform=ax.transAxes, ha="center", color="#777777")
 
     for ax in axes.flat:
         _style_log_axes(ax, ns_all)
@@ -776,6 +860,9 @@ def _scaling_figure(sub: pd.DataFrame, key: dict[str, object], fit_min_n: int | 
         title.append(shape)
     fig.suptitle(" · ".join(t for t in title if t), fontsize=12, fontweight="bold")
     _finish_figure(fig, [*notes, fit_note + "; x: last ok point before the failure named next to it"], width)
+    fig.get_layout_engine().execute(fig)
+    for ax, items in stops.items():
+        _annotate_stops(ax, items)
     return fig
 
 
@@ -803,9 +890,7 @@ def ratio_table(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """
     df = _latest(_ensure_normalised(df))
     if baseline not in set(df["impl"]):
-        raise ResultsError(
-            f"baseline {baseline!r} is not in the table (impls: {', '.join(_impl_order(df['impl']))})"
-        )
+        raise ResultsError(f"baseline {baseline!r} is not in the table (impls: {', '.join(_impl_order(df['impl']))})")
     keys = ["device_name", "dtype", "mode", "pattern", *_SHAPE_KEYS, "seq_len"]
     ok = df[df["status"] == "ok"]
     base = ok[ok["impl"] == baseline][[*keys, "time_ms_median", "peak_mem_bytes"]]
@@ -830,7 +915,9 @@ def ratio_figure(df: pd.DataFrame, baseline: str, *, dpi: int = 110) -> Figure:
     table = ratio_table(df, baseline)
     shape_keys = _present_shape_keys(df)
     row_keys = ["device_name", "dtype", "mode", *shape_keys]
-    groups = _groups(df, row_keys)
+    cpu_names = set(df.loc[df["device"] == "cpu", "device_name"])
+    groups = sorted(_groups(df, row_keys), key=lambda kv: kv[0]["device_name"] in cpu_names)
+    varying = [k for k in row_keys if df[k].nunique(dropna=False) > 1]
     patterns = _pattern_order(df["pattern"])
     show_pattern = len(patterns) > 1
     style = {p: (_LINESTYLES[i % len(_LINESTYLES)], _MARKERS[i % len(_MARKERS)]) for i, p in enumerate(patterns)}
@@ -865,42 +952,40 @@ def ratio_figure(df: pd.DataFrame, baseline: str, *, dpi: int = 110) -> Figure:
                 label += f" (×{last['speedup']:.3g} time, ×{last['mem_ratio']:.3g} mem at {_fmt_n(last['seq_len'])})"
                 handles.append(Line2D([], [], label=label, **kw))
         # where the baseline stops, no ratio exists beyond
+        base_stops: dict[tuple[int, str], list[str]] = {}
         for pat in patterns:
             b = rows[(rows["impl"] == baseline) & (rows["pattern"] == pat)]
             if b.empty:
                 continue
             line = _analyse(b)
             if line.stop:
-                for ax in (ax_s, ax_m):
-                    ax.axvline(line.stop[0], color="#888888", ls=":", lw=1.2, zorder=2)
-                    ax.annotate(
-                        f"{baseline}{' ' + pat if show_pattern else ''}: {line.stop[1]}",
-                        (line.stop[0], 1.0),
-                        xycoords=("data", "axes fraction"),
-                        xytext=(-3, -3),
-                        textcoords="offset points",
-                        rotation=90,
-                        ha="right",
-                        va="top",
-                        fontsize=7,
-                        color="#666666",
-                    )
+                base_stops.setdefault(line.stop, []).append(pat)
             elif line.never_ok:
                 notes.append(f"{baseline} {pat}: no ok point ({line.never_ok})")
+        for (stop_n, why), pats in base_stops.items():
+            which = f" {', '.join(pats)}" if show_pattern and len(pats) < len(patterns) else ""
+            for ax in (ax_s, ax_m):
+                ax.axvline(stop_n, color="#888888", ls=":", lw=1.2, zorder=2)
+                ax.annotate(
+                    f"{baseline}{which}: {why} from {_fmt_n(stop_n)}",
+                    (stop_n, 1.0),
+                    xycoords=("data", "axes fraction"),
+                    xytext=(-3, -3),
+                    textcoords="offset points",
+                    rotation=90,
+                    ha="right",
+                    va="top",
+                    fontsize=7,
+                    color="#666666",
+                )
         for ax in (ax_s, ax_m):
             ax.axhline(1.0, color="#444444", lw=1.0, zorder=2)
-        desc = " · ".join(
-            str(v)
-            for k, v in key.items()
-            if k in ("device_name", "dtype", "mode") and str(v) not in ("", "nan") and (n_rows > 1 or k != "dtype")
-        )
-        shape = _shape_text(key)
-        desc = f"{desc} · {shape}" if shape and n_rows > 1 else desc
-        prefix = f"{desc}\n" if n_rows > 1 else ""
+        desc = " · ".join(t for t in _key_texts(key, varying) if t)
+        prefix = f"{desc}\n" if desc else ""
         ax_s.set_title(f"{prefix}speedup vs {baseline}", fontsize=10.5)
-        ax_m.set_title(f"{prefix}memory saving vs {baseline}", fontsize=10.5)
-        ax_s.set_ylabel(f"{baseline} time / impl time [×]")
-        ax_m.set_ylabel(f"{baseline} peak memory / impl peak memory [×]")
+        ax_m.set_title(f"{prefix}memory ratio vs {baseline}", fontsize=10.5)
+        ax_s.set_ylabel(f"speedup: {baseline} time / impl time [×]")
+        ax_m.set_ylabel(f"memory ratio: {baseline} / impl peak [×]")
         if handles:
             ax_m.legend(
                 handles=handles,
@@ -916,7 +1001,7 @@ def ratio_figure(df: pd.DataFrame, baseline: str, *, dpi: int = 110) -> Figure:
             for ax in (ax_s, ax_m):
                 ax.text(
                     0.5,
-                    0.5,
+                    0.7,
                     f"no length where {baseline} and another impl are both ok",
                     transform=ax.transAxes,
                     ha="center",
@@ -930,10 +1015,7 @@ def ratio_figure(df: pd.DataFrame, baseline: str, *, dpi: int = 110) -> Figure:
     for c in range(2):
         axes[-1, c].set_xlabel("sequence length n [tokens]")
     title = [f"ratios against {baseline}"]
-    if n_rows == 1:
-        key = groups[0][0]
-        title += [str(key.get(k, "")) for k in ("device_name", "dtype", "mode")]
-        title.append(_shape_text(key))
+    title += _key_texts(groups[0][0], [k for k in row_keys if k not in varying])
     if len(patterns) == 1 and patterns[0]:
         title.append(f"pattern {patterns[0]}")
     fig.suptitle(" · ".join(t for t in title if t and t != "nan"), fontsize=12, fontweight="bold")
@@ -948,7 +1030,7 @@ def ratio_figure(df: pd.DataFrame, baseline: str, *, dpi: int = 110) -> Figure:
 def _save(fig: Figure, path: Path) -> Path:
     """Write a figure as an image (format from the suffix) and return the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig).print_figure(str(path), dpi=fig.dpi, bbox_inches="tight", pad_inches=0.15)
+    FigureCanvasAgg(fig).print_figure(str(path), dpi=fig.dpi)
     return path
 
 
@@ -987,25 +1069,34 @@ def plot_ratios(df: pd.DataFrame, baseline: str, out_path: str | Path, *, dpi: i
     return _save(ratio_figure(df, baseline, dpi=dpi), Path(out_path))
 
 
-def pivot_results(df: pd.DataFrame, value: str = "time_ms_median", *, scale: float = 1.0) -> pd.DataFrame:
-    """An impl x seq_len table of ``value / scale`` for one device/pattern/dtype/mode slice.
+def pivot_results(
+    df: pd.DataFrame, value: str = "time_ms_median", *, scale: float = 1.0, digits: int | None = 3
+) -> pd.DataFrame:
+    """A table of ``value / scale``: one row per implementation, one column per seq_len.
 
-    Cells of ok rows hold the number; cells of other rows hold the short reason
-    (``OOM``, ``skipped: memory budget``...). Filter the table to one slice first
-    (several slices would be mixed; the most recent row wins).
+    Cells of ok rows hold the number (rounded to ``digits`` significant digits
+    unless ``None``); cells of other rows hold the short reason (``OOM``,
+    ``skipped: memory budget``...). When the table holds several devices, patterns,
+    dtypes, modes or shapes, those that vary lead the row index, so slices never mix.
     """
     df = _latest(_ensure_normalised(df))
-    cells = (pd.to_numeric(df[value], errors="coerce") / scale).astype(object)
-    labels = [short_reason(s, r) for s, r in zip(df["status"], df["reason"])]
-    cells = cells.where(df["status"] == "ok", pd.Series(labels, index=df.index, dtype=object))
-    table = (
-        df.assign(_cell=cells)
-        .drop_duplicates(subset=["impl", "seq_len"], keep="last")
-        .pivot(index="impl", columns="seq_len", values="_cell")
-    )
-    table = table.reindex(_impl_order(table.index))
-    table.columns = [int(c) for c in table.columns]
-    table.columns.name = "seq_len"
+    if value not in df.columns:
+        raise ResultsError(f"no column {value!r} in the table")
+    numbers = pd.to_numeric(df[value], errors="coerce") / scale
+    if digits is not None:
+        numbers = numbers.map(lambda v: float(f"{v:.{digits}g}") if math.isfinite(v) else v)
+    labels = pd.Series([short_reason(s, r) for s, r in zip(df["status"], df["reason"])], index=df.index, dtype=object)
+    cells = numbers.astype(object).where(df["status"] == "ok", labels)
+    slice_keys = [k for k in ("device_name", "pattern", "dtype", "mode", *_SHAPE_KEYS) if df[k].nunique() > 1]
+    index = [*slice_keys, "impl"]
+    table = df.assign(_cell=cells).pivot(index=index, columns="seq_len", values="_cell")
+    rank = {name: i for i, name in enumerate(_impl_order(df["impl"]))}
+    if slice_keys:
+        order = sorted(table.index, key=lambda key: (*key[:-1], rank[key[-1]]))
+    else:
+        order = sorted(table.index, key=lambda impl: rank[impl])
+    table = table.reindex(order)
+    table.columns = pd.Index([int(c) for c in table.columns], name="seq_len")
     return table
 
 
