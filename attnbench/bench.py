@@ -807,10 +807,12 @@ def sweep(
     resume: bool = False,
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
+    history: dict | None = None,
 ) -> list[dict]:
     """Measure every configuration, appending each row to ``results/<study>.csv`` as
     soon as it is measured. With ``resume``, configurations already in the table are
-    skipped. A failing configuration is a row, never the end of the sweep."""
+    skipped. A failing configuration is a row, never the end of the sweep.
+    ``history`` carries the predictive time guard's memory across calls."""
     configs = [c.resolved() for c in configs]  # every config is validated before anything runs
     done: dict[Path, set] = {}
     todo = []
@@ -832,7 +834,7 @@ def sweep(
             bar = tqdm(total=len(todo), desc="attnbench", unit="job", file=sys.stderr)
     if skipped:
         print(f"resume: {skipped} configuration(s) already in the results table, skipped", file=sys.stderr)
-    history: dict[tuple, list[dict]] = {}
+    history = {} if history is None else history  # series key -> rows, for the predictive guard
     for c in todo:
         if bar is not None:
             bar.set_postfix_str(f"{c.impl} n={c.seq_len} {c.dtype} {c.mode}")

@@ -9,9 +9,6 @@ import torch
 
 import attnbench
 
-# Triton kernels on a CPU run in Triton's interpreter; the implementation arranges
-# TRITON_INTERPRET itself, this only makes a stray direct import behave the same.
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICE = "cuda" if os.environ.get("ATTNBENCH_TEST_DEVICE") == "cuda" else "cpu"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -17,6 +18,9 @@ from attnbench import registry as reg
 from attnbench.bench import COLUMNS, BenchConfig, measure, read_rows, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
+needs_hydra = pytest.mark.skipif(
+    importlib.util.find_spec("hydra") is None, reason="hydra-core is not installed: the command line needs it"
+)
 TINY = dict(seq_len=64, window=8, heads=2, head_dim=16, device="cpu", time_budget_s=0.05, min_reps=2, max_reps=5)
 
 
@@ -84,7 +88,8 @@ def test_error_and_oom_are_rows(tmp_path, throwaway):
 
     throwaway("boom", boom)
     throwaway("oomer", oom)
-    rows = sweep([cfg(tmp_path, impl="boom"), cfg(tmp_path, impl="oomer"), cfg(tmp_path, impl="chunked")], progress=False)
+    configs = [cfg(tmp_path, impl="boom"), cfg(tmp_path, impl="oomer"), cfg(tmp_path, impl="chunked")]
+    rows = sweep(configs, progress=False)
     assert [r["status"] for r in rows] == ["error", "oom", "ok"]  # the sweep survived both
     assert "kernel exploded" in rows[0]["reason"]
     assert len(read_rows(tmp_path / "t.csv")) == 3
@@ -156,6 +161,7 @@ def _cli(args, cwd):
     )
 
 
+@needs_hydra
 def test_cli_sweep_end_to_end(tmp_path):
     args = ["-m", "impl=naive,chunked", "seq_len=64,96", "window=8", "heads=2", "head_dim=16", "device=cpu"]
     args += ["time_budget_s=0.05", "study=cli", f"results_dir={tmp_path}"]
@@ -172,6 +178,7 @@ def test_cli_sweep_end_to_end(tmp_path):
     assert all(x["status"] == "ok" for x in rows), [x["reason"] for x in rows]
 
 
+@needs_hydra
 def test_cli_internal_sweep_and_pattern_group(tmp_path):
     args = ["pattern=dilated", "window=8", "heads=2", "head_dim=16", "device=cpu", "time_budget_s=0.05"]
     args += ["+sweep.seq_len=[40,50]", "study='s_{device}'", f"results_dir={tmp_path}"]
@@ -182,6 +189,7 @@ def test_cli_internal_sweep_and_pattern_group(tmp_path):
     assert "chunked" in r.stdout and "results:" in r.stdout
 
 
+@needs_hydra
 @pytest.mark.parametrize(
     "arg, words",
     [
@@ -200,6 +208,7 @@ def test_cli_bad_override(tmp_path, arg, words):
     assert not list(tmp_path.glob("*.csv"))
 
 
+@needs_hydra
 def test_every_config_group_composes():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -221,6 +230,7 @@ def test_every_config_group_composes():
                         assert bc.impl == option.stem
 
 
+@needs_hydra
 def test_cli_help_explains():
     r = subprocess.run([sys.executable, "-m", "attnbench", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "python -m attnbench experiment=scaling" in r.stdout and "seq_len" in r.stdout

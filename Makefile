@@ -1,0 +1,41 @@
+# Two commands on a fresh machine:
+#   make bench     set up .venv and run the main job (python -m attnbench; ARGS="..." to override)
+#   make test      set up .venv and run the test suite
+# TORCH pins the torch build: torch==2.13.0 is the CPU build where one is on disk;
+# on a CUDA machine use the torch you have (make TORCH=torch) or install it first.
+PY ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup bench test lint scaling benchmark clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VENV)/bin/python -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+bench: setup
+	$(VENV)/bin/python -m attnbench $(ARGS)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests
+	$(VENV)/bin/python -m pytest -q --nbmake notebooks
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+scaling: setup
+	$(VENV)/bin/python -m attnbench experiment=scaling $(ARGS)
+
+benchmark: setup
+	$(VENV)/bin/python -m pytest benchmarks --benchmark-only --benchmark-autosave $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache .benchmarks

@@ -1,0 +1,287 @@
+"""One command to verify and measure everything on a CUDA GPU.
+
+    python -m attnbench.gpu_check OUTDIR            # or: scripts/gpu_check.sh OUTDIR
+    python -m attnbench.gpu_check OUTDIR --dry-run  # print the plan, touch no GPU
+
+Needs only what a GPU machine usually has (torch; triton, cupy, pytest, pandas and
+matplotlib where installed); no Hydra, no network. In one run it
+
+1. prints the GPU, driver and library versions;
+2. measures the ceilings results are quoted against: the bf16 matrix-multiply rate
+   (8192^3) and the device-to-device copy bandwidth;
+3. runs the whole test suite on CUDA (Triton compiled, CuPy enabled);
+4. runs a short scaling study of every available implementation over
+   n = 1024 ... 32768 (forward; forward + backward at the largest n), Longformer-base
+   shape (heads 12, head_dim 64, window 512), bf16 and fp32;
+5. writes the results table, the figure and a log to OUTDIR as it goes (a run
+   stopped early keeps what it measured), and ends with a summary at the largest n.
+
+Each stage has a time limit so the whole run fits in about 8 minutes on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SEQ_LENS = [1024, 2048, 4096, 8192, 16384, 32768]
+DTYPES = ["bf16", "fp32"]
+PATTERNS = {"w512": {}}
+
+
+class Log:
+    """Print and append to OUTDIR/gpu_check.log at once."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def __call__(self, *parts: object) -> None:
+        msg = " ".join(str(p) for p in parts)
+        print(msg, flush=True)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(msg + "\n")
+
+
+def environment(log: Log) -> dict:
+    import torch
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "host": platform.node(),
+    }
+    for mod in ("triton", "cupy", "transformers", "flash_attn", "pandas", "matplotlib", "pytest", "hydra"):
+        try:
+            m = __import__(mod)
+            info[mod] = getattr(m, "__version__", "?")
+        except Exception as e:  # absent or broken: say which
+            info[mod] = f"not available ({type(e).__name__})"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(gpu=p.name, sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2**30, 1))
+        with contextlib.suppress(Exception):
+            q = "--query-gpu=driver_version,clocks.max.sm,power.limit"
+            r = subprocess.run(["nvidia-smi", q, "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
+            info["nvidia_smi"] = r.stdout.strip()
+    for k, v in info.items():
+        log(f"  {k}: {v}")
+    return info
+
+
+def ceilings(log: Log) -> dict:
+    """bf16 matmul TFLOP/s and device-to-device copy GB/s (median of timed repeats)."""
+    import statistics
+
+    import torch
+
+    def timed(fn, reps: int) -> float:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b))
+        return statistics.median(ts)
+
+    n = 8192
+    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = timed(lambda: torch.matmul(x, y), 10)
+    tflops = 2 * n**3 / (ms * 1e-3) / 1e12
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms_copy = timed(lambda: dst.copy_(src), 10)
+    gbs = 2 * src.numel() / (ms_copy * 1e-3) / 1e9  # bytes read + written
+    x = y = src = dst = None
+    torch.cuda.empty_cache()
+    log(f"  bf16 matmul 8192^3: {tflops:.0f} TFLOP/s;  device copy: {gbs:.0f} GB/s (read + write)")
+    return {"bf16_matmul_tflops": tflops, "copy_gbs": gbs}
+
+
+def run_tests(outdir: Path, log: Log, limit_s: float) -> dict:
+    env = dict(os.environ, ATTNBENCH_TEST_DEVICE="cuda", PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-rs", "--tb=short"]
+    cmd += ["--junitxml", str(outdir / "tests.xml")]
+    log("  $ ATTNBENCH_TEST_DEVICE=cuda " + " ".join(cmd[1:]))
+    t0 = time.time()
+    with open(outdir / "tests.log", "w") as f:
+        try:
+            r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=limit_s)
+            rc = r.returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+    tail = (outdir / "tests.log").read_text().strip().splitlines()[-1:] or [""]
+    log(f"  tests: exit {rc} after {time.time() - t0:.0f} s: {tail[0]}")
+    return {"rc": rc, "summary": tail[0]}
+
+
+def plan(quick: bool = False) -> list:
+    """The scaling configurations, in the order they run."""
+    from attnbench.bench import BenchConfig
+
+    lens = SEQ_LENS[::2] if quick else SEQ_LENS
+    base = BenchConfig(
+        device="cuda",
+        heads=12,
+        head_dim=64,
+        window=512,
+        study="gpu-scaling",
+        isolate=False,  # one process: CUDA start-up per job would cost more than the jobs
+        time_budget_s=0.3,
+        min_reps=3,
+        max_reps=50,
+        warmup=1,
+        job_timeout_s=20,  # predictive guard: a series stops when a job would exceed this
+    )
+    import attnbench
+
+    impls = [n for n in attnbench.list_impls() if attnbench.get_impl(n).unavailable_reason() is None]
+    out = []
+    for dtype in DTYPES:
+        for extra in PATTERNS.values():
+            for impl in impls:
+                for n in lens:
+                    out.append(dataclasses.replace(base, impl=impl, dtype=dtype, seq_len=n, mode="fwd", **extra))
+    for dtype in DTYPES:
+        for impl in impls:
+            out.append(dataclasses.replace(base, impl=impl, dtype=dtype, seq_len=lens[-1], mode="fwd_bwd"))
+    return out
+
+
+def scaling(outdir: Path, log: Log, limit_s: float, quick: bool, ceil: dict) -> Path:
+    from attnbench.bench import _base_row, append_row, format_rows, sweep
+
+    csv_path = outdir / "scaling.csv"
+    configs = [dataclasses.replace(c, results_dir=str(outdir), study="scaling") for c in plan(quick)]
+    deadline = time.time() + limit_s
+    rows = []
+    for i, c in enumerate(configs):
+        if time.time() > deadline:
+            row = _base_row(c.resolved())
+            row["status"], row["reason"] = "skipped", "over the time budget: gpu_check's scaling stage ran out of time"
+            append_row(csv_path, row)
+            continue
+        # one at a time so the stage deadline holds; the predictive guard needs the
+        # series history, so keep it across calls
+        r = sweep([c], progress=False, history=_HISTORY)[0]
+        rows.append(r)
+        t = r.get("time_ms_median")
+        log(
+            f"  [{i + 1}/{len(configs)}] {c.impl:14s} {c.dtype} {r['pattern']:8s} n={c.seq_len:6d} {c.mode:7s} "
+            f"{r['status']:7s} {f'{t:.3f} ms' if t else '':>12s} {r['reason'] or ''}"[:220]
+        )
+    peak = ceil.get("bf16_matmul_tflops")
+    if peak:
+        log(f"  (fractions below are of the measured bf16 matmul rate, {peak:.0f} TFLOP/s)")
+    big = [r for r in rows if r["seq_len"] == max(c.seq_len for c in configs)]
+    log(format_rows(big))
+    return csv_path
+
+
+_HISTORY: dict = {}
+
+
+def summary(csv_path: Path, outdir: Path, log: Log, ceil: dict) -> None:
+    try:
+        import pandas as pd
+    except ImportError:
+        log("  pandas not installed: no summary table")
+        return
+    df = pd.read_csv(csv_path)
+    nmax = df["seq_len"].max()
+    sub = df[df["seq_len"] == nmax].copy()
+    sub["peak_mem_MiB"] = sub["peak_mem_bytes"] / 2**20
+    if ceil.get("bf16_matmul_tflops"):
+        sub["frac_of_bf16_mm"] = sub["tflops"] / ceil["bf16_matmul_tflops"]
+    cols = ["impl", "pattern", "dtype", "mode", "status", "time_ms_median", "peak_mem_MiB", "tflops"]
+    cols += [c for c in ("frac_of_bf16_mm",) if c in sub]
+    table = sub[cols].sort_values(["dtype", "mode", "pattern", "impl"]).to_string(index=False, float_format="%.4g")
+    (outdir / "summary.txt").write_text(table + "\n")
+    log(f"\nSummary at n = {nmax}:\n{table}")
+
+
+def figure(csv_path: Path, outdir: Path, log: Log) -> None:
+    try:
+        from attnbench import plot
+    except Exception as e:
+        log(f"  no figure: {type(e).__name__}: {e}")
+        return
+    try:
+        paths = plot.plot_scaling(plot.load_results([csv_path]), outdir / "scaling.png")
+        log("  figure: " + ", ".join(str(p.name) for p in paths))
+    except Exception as e:
+        log(f"  figure failed: {type(e).__name__}: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m attnbench.gpu_check",
+        description="Verify and measure every attnbench implementation on this CUDA GPU in one run.",
+    )
+    ap.add_argument("outdir", nargs="?", default="gpu-check", help="where the log, tables and figure go")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
+    ap.add_argument("--quick", action="store_true", help="every other sequence length")
+    ap.add_argument("--skip-tests", action="store_true", help="do not run the test suite")
+    ap.add_argument("--tests-limit", type=float, default=200, help="seconds for the test suite (default 200)")
+    ap.add_argument("--scaling-limit", type=float, default=200, help="seconds for the scaling study (default 200)")
+    a = ap.parse_args(argv)
+
+    if a.dry_run:
+        import attnbench
+
+        configs = plan(a.quick)
+        print(f"gpu_check plan: {len(configs)} scaling configurations")
+        print(f"  lengths {sorted({c.seq_len for c in configs})}, dtypes {DTYPES}, patterns {list(PATTERNS)}")
+        print("  implementations (only available ones are measured):")
+        for row in attnbench.describe():
+            state = "available" if row["available"] else f"not available here: {row['reason']}"
+            print(f"    {row['name']:14s} {row['devices']:9s} {state}")
+        limits = f"tests (<= {a.tests_limit:.0f} s), scaling (<= {a.scaling_limit:.0f} s)"
+        print(f"  stages: environment, ceilings, {limits}")
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA device here (use --dry-run to check the plan)", file=sys.stderr)
+        return 2
+    outdir = Path(a.outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    log = Log(outdir / "gpu_check.log")
+    t0 = time.time()
+    log("== environment")
+    env = environment(log)
+    log("== ceilings")
+    ceil = ceilings(log)
+    (outdir / "environment.json").write_text(json.dumps({**env, **ceil}, indent=2, default=str))
+    if not a.skip_tests:
+        log("== tests on CUDA")
+        run_tests(outdir, log, a.tests_limit)
+    log("== scaling study")
+    csv_path = scaling(outdir, log, a.scaling_limit, a.quick, ceil)
+    figure(csv_path, outdir, log)
+    summary(csv_path, outdir, log, ceil)
+    log(f"== done in {time.time() - t0:.0f} s; results in {outdir}/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
