@@ -1,0 +1,313 @@
+"""The ``cupy`` implementation (raw CUDA banded kernels, impls/_banded.cu).
+
+Without a GPU the kernels still get checked: ``_banded.cu`` is compiled as host C++
+(with ``BANDED_HOST_EMULATION``) into a small shared library in which every thread
+block runs as 256 std::threads sharing the ``__shared__`` arrays and
+``__syncthreads`` is a ``std::barrier``. That runs the kernels' own index arithmetic,
+guards and staging on the CPU, through the same Python code path (``banded_attention``)
+that CuPy drives on a GPU. Those tests skip when no C++20 compiler is found; the GPU
+tests skip with the implementation's probe reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import attnbench
+from attnbench import Pattern, reference
+from impls import cupy_banded as cb
+
+# ---------------------------------------------------------------- host emulation
+
+PRELUDE = r"""
+#include <barrier>
+#include <cstring>
+#include <thread>
+#include <vector>
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+thread_local dim3 threadIdx, blockIdx;
+static std::barrier<>* g_bar = nullptr;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__ static
+#define __syncthreads() g_bar->arrive_and_wait()
+static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+#define BANDED_HOST_EMULATION
+"""
+
+LAUNCH = r"""
+float half_bits_to_float(unsigned short b) { _Float16 h; std::memcpy(&h, &b, 2); return (float)h; }
+unsigned short float_to_half_bits(float v) {
+    _Float16 h = (_Float16)v;
+    unsigned short b;
+    std::memcpy(&b, &h, 2);
+    return b;
+}
+// 256 threads walk the grid block by block; the barrier after each block keeps the
+// blocks apart, since the "shared" arrays are statics reused by the next block.
+template <class F> static void launch(int gx, int gy, int gz, F f) {
+    std::barrier<> bar(256);
+    g_bar = &bar;
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < 256; ++t)
+        ts.emplace_back([=, &bar] {
+            threadIdx = {t % 16, t / 16, 0};
+            for (int z = 0; z < gz; ++z)
+                for (int y = 0; y < gy; ++y)
+                    for (int x = 0; x < gx; ++x) {
+                        blockIdx = {(unsigned)x, (unsigned)y, (unsigned)z};
+                        f();
+                        bar.arrive_and_wait();
+                    }
+        });
+    for (auto& th : ts) th.join();
+}
+"""
+
+QK_WRAPPER = r"""
+extern "C" void {sym}(int gx, int gy, int gz, const void* a, const void* x, float* s, const int* dil,
+                      const unsigned char* skip, int H, int n, int D, int W, int off, int ld,
+                      float alpha, float fill) {{
+    launch(gx, gy, gz, [=] {{ {name}((const {t}*)a, (const {t}*)x, s, dil, skip, H, n, D, W, off, ld, alpha, fill); }});
+}}
+"""
+
+MV_WRAPPER = r"""
+extern "C" void {sym}(int gx, int gy, int gz, const float* p, const void* x, void* out, const int* dil,
+                      int H, int n, int D, int W, int off, int ld, float alpha) {{
+    launch(gx, gy, gz, [=] {{ {name}(p, (const {t}*)x, ({o}*)out, dil, H, n, D, W, off, ld, alpha); }});
+}}
+"""
+
+
+def _symbol(name: str) -> str:
+    return "emu_" + re.sub(r"\W+", "_", name).strip("_")
+
+
+def _emulation_source() -> str:
+    parts = [PRELUDE, cb.SOURCE.read_text(), LAUNCH]
+    for name in cb.name_expressions():
+        kind, t, o = re.fullmatch(r"(\w+)<(\w+)(?:, (\w+))?>", name).groups()
+        tmpl = QK_WRAPPER if kind == "band_qk" else MV_WRAPPER
+        parts.append(tmpl.format(sym=_symbol(name), name=name, t=t, o=o))
+    return "\n".join(parts)
+
+
+@pytest.fixture(scope="module")
+def emu_launch(tmp_path_factory):
+    """A launcher (see ``cupy_banded.Launcher``) running the kernels on CPU tensors."""
+    cxx = shutil.which("g++") or shutil.which("clang++")
+    if cxx is None:
+        pytest.skip("no C++ compiler (g++ or clang++) for the host emulation of the CUDA kernels")
+    d = tmp_path_factory.mktemp("banded_emu")
+    flags = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread"]
+    probe = d / "probe.cpp"
+    probe.write_text(PRELUDE + "_Float16 h; void f() { std::barrier<> b(1); b.arrive_and_wait(); }\n")
+    if subprocess.run([*flags, "-o", str(d / "probe.so"), str(probe)], capture_output=True).returncode:
+        pytest.skip(f"{cxx} lacks C++20 <barrier> or _Float16, needed by the host emulation")
+    src = d / "emu.cpp"
+    src.write_text(_emulation_source())
+    lib_path = d / "emu.so"
+    r = subprocess.run([*flags, "-o", str(lib_path), str(src)], capture_output=True, text=True)
+    assert r.returncode == 0, f"_banded.cu does not compile as host C++:\n{r.stderr[-4000:]}"
+    lib = ctypes.CDLL(str(lib_path))
+    conv = {"p": ctypes.c_void_p, "i": ctypes.c_int, "f": ctypes.c_float}
+    known = set(cb.name_expressions())
+
+    def launch(name, grid, args, device):
+        assert name in known, f"{name} is launched but not in name_expressions(): it would not be compiled"
+        assert device.type == "cpu"
+        getattr(lib, _symbol(name))(*(ctypes.c_int(g) for g in grid), *(conv[k](v) for k, v in args))
+
+    return launch
+
+
+def _keys(n, d, W, off):
+    i = torch.arange(n).view(-1, 1)
+    c = torch.arange(W).view(1, -1)
+    j = i + d * (c - off)
+    return j, (j >= 0) & (j < n)
+
+
+KERNEL_CASES = [
+    # B, H, n, D, w, causal, per-head dilations
+    (2, 2, 37, 16, 6, False, (1, 2)),
+    (1, 2, 130, 70, 64, False, (1, 3)),  # two head-dim tiles, two column tiles, D % 32 != 0
+    (1, 2, 90, 33, 70, True, (2, 5)),  # W = 71 > 64, n not divisible by d
+    (1, 1, 7, 5, 4, False, (9,)),  # d > n: classes without tokens
+    (1, 1, 5, 3, 8, False, (1,)),  # band wider than the sequence
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"n{c[2]}-D{c[3]}-w{c[4]}-{'c' if c[5] else 'nc'}-d{c[6]}")
+def test_kernels_match_their_definition(emu_launch, case, dtype):
+    """band_qk, band_av, band_tv against the formulas, band_tv as the scatter (transpose)
+    of band_av; garbage at band entries without a key must be ignored."""
+    B, H, n, D, w, causal, dils = case
+    W, off = w + 1, (w if causal else w // 2)
+    G = 3  # extra columns after the band (the global-key columns' room)
+    torch.manual_seed(0)
+    a, x = torch.randn(B, H, n, D).to(dtype), torch.randn(B, H, n, D).to(dtype)
+    skip = (torch.rand(n) < 0.2).to(torch.uint8)
+    band = cb.Band(dils=dils, dil_t=torch.tensor(dils, dtype=torch.int32), skip=skip, off=off, width=W)
+
+    s = torch.full((B, H, n, W + G), 123.0)
+    cb.band_qk(emu_launch, a, x, s, band, 0.7, float("-inf"), skip=True)
+    assert (s[..., W:] == 123.0).all(), "band_qk wrote past the band"
+    p = torch.randn(B, H, n, W + G)  # random everywhere, also where there is no key
+    out_av = torch.empty(B, H, n, D, dtype=dtype)
+    out_av32 = torch.empty(B, H, n, D)
+    out_tv = torch.empty(B, H, n, D, dtype=dtype)
+    cb.band_mv(emu_launch, "band_av", p, x, out_av, band, 1.3)
+    cb.band_mv(emu_launch, "band_av", p, x, out_av32, band, 1.3)
+    cb.band_mv(emu_launch, "band_tv", p, x, out_tv, band, 1.3)
+
+    for h, d in enumerate(dils):
+        j, ok = _keys(n, d, W, off)
+        jc = j.clamp(0, n - 1)
+        xs = x[:, h].double()[:, jc]  # (B, n, W, D): the key of every band entry
+        want_s = 0.7 * torch.einsum("bnd,bnwd->bnw", a[:, h].double(), xs)
+        ok_s = ok & ~skip.bool()[jc]
+        got_s = s[:, h, :, :W].double()
+        assert torch.equal(torch.isinf(got_s), ~ok_s.expand_as(got_s)), "band_qk: -inf exactly where no key"
+        torch.testing.assert_close(got_s[:, ok_s], want_s[:, ok_s], rtol=1e-5, atol=1e-5)
+
+        pv = p[:, h, :, :W].double() * ok  # entries without a key count as zero
+        want_av = 1.3 * torch.einsum("bnw,bnwd->bnd", pv, xs)
+        want_tv = torch.zeros(B, n, D, dtype=torch.float64)
+        ii, cc = ok.nonzero(as_tuple=True)  # scatter each entry onto its key: the transpose
+        want_tv.index_add_(1, j[ii, cc], pv[:, ii, cc].unsqueeze(-1) * x[:, h].double()[:, ii])
+        want_tv *= 1.3
+        rtol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+        torch.testing.assert_close(out_av32[:, h].double(), want_av, rtol=1e-5, atol=1e-4)
+        for got, want in ((out_av[:, h], want_av), (out_tv[:, h], want_tv)):
+            torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * (1 + want.abs().max().item()))
+
+
+ATTN_CASES = [
+    (Pattern(window=6, dilation=(1, 1, 2, 3)), 41),
+    (Pattern(window=8, global_tokens=(0, 20, 40)), 41),
+    (Pattern(window=6, causal=True, dilation=(1, 2, 1, 3), global_tokens=(0, 17, 32)), 33),
+    (Pattern(window=70, dilation=2, global_tokens=(5,)), 90),  # W > 64
+    (Pattern(window=0, global_tokens=(0,)), 9),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("pattern,n", ATTN_CASES, ids=lambda x: x.describe() if isinstance(x, Pattern) else f"n{x}")
+def test_emulated_attention_forward_backward(emu_launch, pattern, n, dtype):
+    """The whole autograd path (band softmax with global columns, dense global rows,
+    backward through the transposed kernels) against the float64 reference, within
+    twice the error of a dense masked attention in the same dtype."""
+    B, H, D = 2, 4, 24
+    torch.manual_seed(1)
+    q, k, v, go = (torch.randn(B, H, n, D).to(dtype) for _ in range(4))
+    scale = D**-0.5
+    mask = pattern.mask(n, heads=H)
+
+    def dense(a, b, c):
+        s = (torch.matmul(a, b.transpose(-1, -2)) * scale).float().masked_fill(~mask, float("-inf"))
+        return torch.matmul(torch.softmax(s, -1).to(c.dtype), c)
+
+    def run(fn, dt):
+        leaves = [t.to(dt).detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves)
+        assert out.dtype == dt and out.shape == (B, H, n, D)
+        out.backward(go.to(dt))
+        return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+    ref = run(lambda a, b, c: reference(a, b, c, pattern, scale), torch.float64)
+    base = run(dense, dtype)
+    got = run(lambda a, b, c: cb.banded_attention(a, b, c, pattern, scale, emu_launch), dtype)
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    for label, r, b_, g_ in zip(("out", "dq", "dk", "dv"), ref, base, got):
+        err, berr = (g_ - r).abs().max().item(), (b_ - r).abs().max().item()
+        assert err <= 2 * berr + atol, f"{label}: error {err:.2e} vs dense {berr:.2e}"
+
+
+# ---------------------------------------------------------------- registry, no GPU needed
+
+
+def test_registered_and_described():
+    row = {r["name"]: r for r in attnbench.describe()}["cupy"]
+    assert row["features"] == ",".join(attnbench.FEATURES)
+    assert row["dtypes"] == "fp32,fp16,bf16" and row["devices"] == "cuda"
+    why = attnbench.get_impl("cupy").unavailable_reason()
+    assert row["available"] == (why is None)
+    if why is not None:
+        assert why.startswith("needs CuPy and a CUDA device") and row["reason"] == why
+
+
+def test_cpu_call_lists_every_reason():
+    q = torch.randn(1, 2, 16, 8, dtype=torch.float64)
+    with pytest.raises(attnbench.UnsupportedError) as e:
+        attnbench.attention(q, q, q, Pattern(window=4), impl="cupy")
+    reasons = e.value.reasons
+    assert any("device 'cpu' not supported" in r for r in reasons)
+    assert any("dtype fp64 not supported" in r for r in reasons)
+    why = attnbench.get_impl("cupy").unavailable_reason()
+    assert (why in reasons) if why else True
+
+
+def test_memory_estimate_grows_with_window_and_backward():
+    mem = attnbench.get_impl("cupy").memory
+    small = mem(1, 12, 4096, 64, 2, Pattern(window=64), False)
+    big = mem(1, 12, 4096, 64, 2, Pattern(window=512), False)
+    assert 0 < small < big < mem(1, 12, 4096, 64, 2, Pattern(window=512), True)
+    assert big >= 2 * 4 * 12 * 4096 * 513  # two float32 bands
+
+
+# ---------------------------------------------------------------- on a CUDA device
+
+_WHY = attnbench.get_impl("cupy").unavailable_reason()
+gpu = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "pattern,n",
+    [
+        (Pattern(window=32), 257),
+        (Pattern(window=16, dilation=3), 97),
+        (Pattern(window=32, dilation=(1, 1, 2, 3)), 257),
+        (Pattern(window=32, causal=True, dilation=(1, 1, 2, 3), global_tokens=(0, 128, 256)), 257),
+        (Pattern(window=256, dilation=2, global_tokens=(3,)), 1000),
+    ],
+    ids=lambda x: x.describe() if isinstance(x, Pattern) else f"n{x}",
+)
+def test_gpu_matches_reference(pattern, n, dtype):
+    B, H, D = 2, 4, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v, go = (torch.randn(B, H, n, D, device="cuda", generator=g).to(dtype) for _ in range(4))
+    mask = pattern.mask(n, heads=H).cuda()
+    scale = D**-0.5
+
+    def dense(a, b, c):
+        s = (torch.matmul(a, b.transpose(-1, -2)) * scale).float().masked_fill(~mask, float("-inf"))
+        return torch.matmul(torch.softmax(s, -1).to(c.dtype), c)
+
+    def run(fn, dt):
+        leaves = [t.to(dt).detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = fn(*leaves)
+        out.backward(go.to(dt))
+        return [out.detach().double()] + [t.grad.double() for t in leaves]
+
+    ref = run(lambda a, b, c: reference(a, b, c, pattern, scale), torch.float64)
+    base = run(dense, dtype)
+    got = run(lambda a, b, c: attnbench.attention(a, b, c, pattern, impl="cupy", scale=scale), dtype)
+    atol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for label, r, b_, g_ in zip(("out", "dq", "dk", "dv"), ref, base, got):
+        err, berr = (g_ - r).abs().max().item(), (b_ - r).abs().max().item()
+        assert err <= 2 * berr + atol * max(1.0, r.abs().max().item()), f"{label}: {err:.2e} vs dense {berr:.2e}"
