@@ -1,0 +1,229 @@
+"""flex: PyTorch FlexAttention (``torch.nn.attention.flex_attention``), compiled, with a
+``mask_mod`` that states the exact pattern.
+
+The mask_mod answers "does query ``q_idx`` of head ``h`` attend to key ``kv_idx``?"::
+
+    diff = kv_idx - q_idx
+    d = dilation[h]                                   # per-head dilation tensor (H,)
+    window = diff % d == 0 and lo*d <= diff <= hi*d   # lo, hi = -w/2, w/2 (causal: -w, 0)
+    allowed = window or is_global[q_idx] or is_global[kv_idx]
+    if causal: allowed = allowed and diff <= 0
+
+Every pattern parameter (window bounds, causal flag, dilations, global flags) is a
+captured tensor, never a Python constant, so a new window size or global set does not
+force a recompilation of the kernel; new shapes and dtypes do.
+
+The ``BlockMask`` (128 x 128 tiles; tiles wholly inside the pattern skip the mask_mod,
+tiles wholly outside are skipped) is built once per (seq_len, heads, pattern, device)
+and kept in a small LRU cache. Its construction time is reported separately in
+:data:`last_timing` (``block_mask_ms``: time to build the mask of the last call, 0.0
+when it came from the cache), so a benchmark can record it apart from the kernel.
+Small masks are built eagerly; large ones (over ``EAGER_MASK_LIMIT`` mask entries)
+with ``torch.compile(create_block_mask)``, which never materialises the n x n mask
+(the eager builder does: pytorch#134756), at the price of a compilation on first use.
+
+Requirements and what this module declares (verified with torch 2.13 on the CPU):
+
+* CPU: the compiled C++ kernel accepts fp32, fp16 and bf16 but not fp64 (inductor
+  raises), and it is inference-only: ``flex_attention`` raises NotImplementedError for
+  inputs that require grad, compiled or not (pytorch#148752). ``features`` is per
+  implementation, so ``backward`` is declared (it exists on CUDA) and :func:`_check`
+  refuses a CPU call that would need it, with that reason.
+* CUDA (Triton kernel; not verified here): head_dim must be at least 16, refused in
+  :func:`_check`. Ragged lengths (n not a multiple of 128) are handled by FlexAttention.
+* fp64 is not declared: refused on the CPU, unverified on CUDA.
+
+Compiled with ``dynamic=False``: one specialised kernel per shape and dtype. (With
+dynamic shapes, which dynamo turns on after a shape change, inductor generated C++ for
+this mask_mod that failed to compile on the CPU in torch 2.13: an undeclared
+``cur_qSplitSize`` symbol.) The first compiled call takes seconds (about 10-20 s for
+the very first one on a 2-core CPU, a few s per new shape/dtype after), hence
+``slow_on_cpu``. The softmax scale is a compile-time constant too (dynamo specialises
+Python floats): a new scale recompiles, the default 1/sqrt(D) changes only with D.
+The recompilation limit is raised during calls and hitting it raises, so the compiled
+kernel never silently degrades to eager FlexAttention (which materialises the full
+score matrix: pytorch#152528).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import time
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from attnbench import Pattern, UnsupportedError, register
+
+#: LRU cache size for block masks, keyed by (seq_len, heads, pattern, device)
+CACHE_SIZE = 16
+#: above this many mask entries (heads * n * n), the block mask is built compiled
+EAGER_MASK_LIMIT = 1 << 24
+#: dynamo's recompilation limit while this module calls the compiled kernel (one
+#: compilation per shape and dtype)
+RECOMPILE_LIMIT = 256
+BLOCK = 128  # FlexAttention's default sparse block size
+
+#: timing of the last call: ``block_mask_ms`` (0.0 when the mask was cached), ``cached``
+last_timing: dict[str, Any] = {"block_mask_ms": 0.0, "cached": False}
+
+_MASKS: OrderedDict[tuple, Any] = OrderedDict()
+
+
+def _probe() -> str | None:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError as e:
+        return f"needs torch.nn.attention.flex_attention (torch >= 2.5): {e}"
+    return None
+
+
+_CPU_INFERENCE_ONLY = "FlexAttention's compiled CPU path is inference-only; backward needs CUDA"
+
+
+def _check(q: torch.Tensor, pattern: Pattern) -> list[str]:
+    reasons = []
+    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        reasons.append(_CPU_INFERENCE_ONLY)
+    if q.device.type == "cuda" and q.shape[-1] < 16:
+        reasons.append(f"head_dim={q.shape[-1]}: FlexAttention's CUDA (Triton) kernel needs head_dim >= 16")
+    return reasons
+
+
+def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
+    hm = H if pattern.per_head else 1  # block-mask head rows
+    nb = math.ceil(n / BLOCK)
+    blocks = hm * nb * nb * 4 * 4  # kv/q indices, partial and full, int32
+    build = hm * n * n * 2 if hm * n * n <= EAGER_MASK_LIMIT else 0  # eager builder: dense bool mask + temp
+    out = B * H * n * (D * esize + 4)  # output + logsumexp
+    bwd = B * H * n * (3 * D * esize + 8) if backward else 0  # dq, dk, dv, delta
+    return float(blocks + build + out + bwd)
+
+
+def make_mask_mod(pattern: Pattern, seq_len: int, heads: int, device: torch.device | str):
+    """The pattern as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
+
+    Captures: ``dil`` (heads,) int64 per-head dilation, ``is_global`` (seq_len,) bool,
+    ``bounds`` (3,) int64 = (lo, hi, causal).
+    """
+    lo, hi = pattern.offset_range
+    dil = torch.tensor(pattern.dilations(heads), dtype=torch.int64, device=device)  # (H,)
+    is_global = torch.zeros(seq_len, dtype=torch.bool, device=device)  # (n,)
+    if pattern.global_tokens:
+        is_global[list(pattern.global_tokens)] = True
+    bounds = torch.tensor([lo, hi, int(pattern.causal)], dtype=torch.int64, device=device)
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        d = dil[h]
+        diff = kv_idx - q_idx
+        window = (diff % d == 0) & (diff >= bounds[0] * d) & (diff <= bounds[1] * d)
+        allowed = window | is_global[q_idx] | is_global[kv_idx]
+        return allowed & ((diff <= 0) | (bounds[2] == 0))
+
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_builder():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask, dynamic=False)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build_block_mask(pattern: Pattern, seq_len: int, heads: int, device: torch.device | str) -> tuple[Any, float]:
+    """Build (uncached) the ``BlockMask`` of ``pattern``; returns ``(mask, milliseconds)``.
+
+    The mask has one head row when the dilation is shared by all heads (the kernel
+    broadcasts it), ``heads`` rows for a per-head dilation. Above ``EAGER_MASK_LIMIT``
+    entries the builder is compiled: its first use for a shape includes compilation
+    (build twice to time the warm builder).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dev = torch.device(device)
+    mask_mod = make_mask_mod(pattern, seq_len, heads, dev)
+    hm = heads if pattern.per_head else None
+    big = (hm or 1) * seq_len * seq_len > EAGER_MASK_LIMIT
+    builder = _compiled_builder() if big else create_block_mask
+    _sync(dev)
+    t0 = time.perf_counter()
+    bm = builder(mask_mod, None, hm, seq_len, seq_len, device=dev)
+    _sync(dev)
+    return bm, (time.perf_counter() - t0) * 1e3
+
+
+def get_block_mask(pattern: Pattern, seq_len: int, heads: int, device: torch.device | str) -> Any:
+    """The cached ``BlockMask`` (built on a miss); updates :data:`last_timing`."""
+    dev = torch.device(device)
+    key = (seq_len, heads, pattern, str(dev))
+    bm = _MASKS.get(key)
+    if bm is not None:
+        _MASKS.move_to_end(key)
+        last_timing.update(block_mask_ms=0.0, cached=True)
+        return bm
+    bm, ms = build_block_mask(pattern, seq_len, heads, dev)
+    _MASKS[key] = bm
+    while len(_MASKS) > CACHE_SIZE:
+        _MASKS.popitem(last=False)
+    last_timing.update(block_mask_ms=ms, cached=False)
+    return bm
+
+
+def block_mask_time_ms() -> float:
+    """Milliseconds spent building the block mask in the last call (0.0: cached)."""
+    return float(last_timing["block_mask_ms"])
+
+
+def clear_cache() -> None:
+    """Drop every cached block mask."""
+    _MASKS.clear()
+
+
+@register(
+    "flex",
+    dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    features=("dilation", "per_head_dilation", "global_tokens", "causal", "backward"),
+    probe=_probe,
+    check=_check,
+    memory=_memory,
+    description="PyTorch FlexAttention, compiled, exact mask_mod, cached 128x128 BlockMask",
+    tunables={"block_size": BLOCK, "cache_size": CACHE_SIZE},
+    slow_on_cpu=True,
+)
+def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+    """q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)`` through compiled ``flex_attention``."""
+    B, H, n, D = q.shape
+    cpu = q.device.type == "cpu"
+    if cpu and any(t.requires_grad for t in (q, k, v)):
+        if torch.is_grad_enabled():  # k or v only: check() sees q alone
+            raise UnsupportedError("flex", [_CPU_INFERENCE_ONLY])
+        # FlexAttention refuses CPU inputs that require grad even under no_grad
+        q, k, v = q.detach(), k.detach(), v.detach()
+    bm = get_block_mask(pattern, n, H, q.device)
+    fn = _compiled_flex()
+    # On the CPU (inference only) always call in no_grad mode: dynamo guards on the
+    # grad mode, so this saves a second compilation per shape.
+    with (
+        torch.no_grad() if cpu else contextlib.nullcontext(),
+        torch._dynamo.config.patch(
+            recompile_limit=RECOMPILE_LIMIT,
+            accumulated_recompile_limit=4 * RECOMPILE_LIMIT,
+            fail_on_recompile_limit_hit=True,
+        ),
+    ):
+        return fn(q, k, v, block_mask=bm, scale=scale)

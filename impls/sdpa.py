@@ -1,0 +1,40 @@
+"""sdpa: ``torch.nn.functional.scaled_dot_product_attention`` with the dense boolean
+mask of the pattern.
+
+The mask is ``Pattern.mask(n, heads=H)``, shape ``(H, n, n)``, passed as
+``attn_mask`` of shape ``(1, H, n, n)`` (broadcast over the batch; ``True`` = attend),
+with the softmax ``scale`` passed through. PyTorch picks the kernel (math, or a fused
+one that accepts an arbitrary mask); none of them skips the masked-out work, so this is
+dense attention in time and the mask alone is quadratic in memory: the baseline that
+"just use SDPA with a mask" gives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attnbench import Pattern, register
+
+
+def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
+    # An upper bound: the (H, n, n) boolean mask, its conversion to an additive float
+    # mask, and (math path) fp32 scores and probabilities of every head; fused kernels
+    # skip the last term. Backward keeps the probabilities and adds their gradient.
+    mask = H * n * n * (1 + esize)
+    scores = B * H * n * n * (4 + esize)
+    io = B * H * n * D * esize
+    return float(mask + scores * (2.0 if backward else 1.0) + io * (4 if backward else 1))
+
+
+@register(
+    "sdpa",
+    features=("dilation", "per_head_dilation", "global_tokens", "causal", "backward"),
+    memory=_memory,
+    description="F.scaled_dot_product_attention with the dense (H, n, n) boolean mask (quadratic)",
+)
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+    """q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)``."""
+    B, H, n, D = q.shape
+    mask = pattern.mask(n, heads=H).to(q.device).unsqueeze(0)  # (1, H, n, n)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
