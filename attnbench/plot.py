@@ -136,25 +136,28 @@ IMPL_COLORS: dict[str, str] = {
     "cupy": "#009E73",
     "flex": "#CC79A7",
     "sdpa": "#56B4E9",
-    "hf": "#8C564B",
-    "longformer": "#8C564B",
-    "flash": "#9467BD",
-    "xformers": "#BCBD22",
-    "tvm": "#17BECF",
+    "hf_longformer": "#8C564B",
+    "flash_attn": "#9467BD",
     "reference": "#7F7F7F",
 }
 #: Colours for other implementation names, picked by a stable hash of the name.
 _EXTRA_COLORS: tuple[str, ...] = (
-    "#1B9E77",
-    "#7570B3",
+    "#BCBD22",
+    "#17BECF",
     "#E7298A",
     "#66A61E",
+    "#7570B3",
     "#A6761D",
-    "#E6AB02",
-    "#3182BD",
-    "#B15928",
-    "#6A3D9A",
+    "#1B9E77",
     "#FB6A4A",
+    "#6A3D9A",
+    "#B8860B",
+    "#3182BD",
+    "#8DD3C7",
+    "#F781BF",
+    "#4D4D9F",
+    "#9E0142",
+    "#5AAE61",
 )
 _LINESTYLES: tuple[str, ...] = ("-", "--", ":", "-.")
 _MARKERS: tuple[str, ...] = ("o", "s", "^", "D")
@@ -398,11 +401,12 @@ def short_reason(status: str, reason: str = "") -> str:
 
 
 def _long_reason(status: str, reason: str, limit: int = 70) -> str:
-    """The reason text of a skipped row (shortened), else :func:`short_reason`."""
+    """The reason text (shortened) of an unsupported / unavailable row, else :func:`short_reason`."""
     reason = _one_line(reason)
-    if str(status).strip().lower() == "skipped" and reason:
+    short = short_reason(status, reason)
+    if short in ("unsupported", "unavailable") and reason:
         return reason if len(reason) <= limit else reason[: limit - 1] + "…"
-    return short_reason(status, reason)
+    return short
 
 
 def _fmt_n(n: float) -> str:
@@ -425,11 +429,33 @@ def _fmt_value(v: float, _pos: object = None) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def impl_color(impl: str) -> str:
-    """The fixed colour of an implementation (a stable hash of the name for unknown ones)."""
+def impl_color(impl: str, others: Iterable[str] = ()) -> str:
+    """The fixed colour of an implementation.
+
+    Known implementations (:data:`IMPL_COLORS`) always get their colour. Another
+    name gets a colour picked by a stable hash of the name; ``others`` (the other
+    implementation names being drawn) resolve clashes between such names, in
+    name order, so every panel and figure of one table agrees.
+    """
     if impl in IMPL_COLORS:
         return IMPL_COLORS[impl]
-    return _EXTRA_COLORS[zlib.crc32(impl.encode()) % len(_EXTRA_COLORS)]
+    return _extra_colors({impl, *others})[impl]
+
+
+def _extra_colors(impls: Iterable[str]) -> dict[str, str]:
+    """Colours of the names not in :data:`IMPL_COLORS`: hash slot, next free slot on a clash."""
+    taken: set[int] = set()
+    out: dict[str, str] = {}
+    k = len(_EXTRA_COLORS)
+    for name in sorted(set(impls) - set(IMPL_COLORS)):
+        slot = zlib.crc32(name.encode()) % k
+        for step in range(k):
+            if (slot + step) % k not in taken:
+                slot = (slot + step) % k
+                break
+        taken.add(slot)
+        out[name] = _EXTRA_COLORS[slot]
+    return out
 
 
 def _impl_order(impls: Iterable[str]) -> list[str]:
@@ -740,6 +766,8 @@ def scaling_figures(
         fig_keys.append("pattern")
     groups = _groups(df, fig_keys)
     varying = [k for k in fig_keys if df[k].nunique(dropna=False) > 1]
+    impls = set(df["impl"])
+    colors = {name: impl_color(name, impls) for name in impls}
     fit_note = (
         f"exponents: least-squares slope of log y vs log n over n >= {_fmt_n(fit_min_n)}"
         if fit_min_n
@@ -748,13 +776,18 @@ def scaling_figures(
 
     figures = []
     for key, sub in groups:
-        fig = _scaling_figure(sub, key, fit_min_n, fit_note, dpi)
+        fig = _scaling_figure(sub, key, colors, fit_min_n, fit_note, dpi)
         figures.append((_slug(key, varying), fig))
     return figures
 
 
 def _scaling_figure(
-    sub: pd.DataFrame, key: dict[str, object], fit_min_n: int | None, fit_note: str, dpi: int
+    sub: pd.DataFrame,
+    key: dict[str, object],
+    colors: dict[str, str],
+    fit_min_n: int | None,
+    fit_note: str,
+    dpi: int,
 ) -> Figure:
     """One scaling figure: a row of (time, memory) panels per device."""
     cpu_names = set(sub.loc[sub["device"] == "cpu", "device_name"])
@@ -767,7 +800,10 @@ def _scaling_figure(
 
     n_rows = len(devices)
     width = 13.5 if show_pattern else 12.5
-    fig = Figure(figsize=(width, 0.6 + 4.1 * n_rows), dpi=dpi, layout="constrained")
+    ok_rows = sub[sub["status"] == "ok"]
+    entries = ok_rows.groupby("device_name")[["impl", "pattern"]].apply(lambda g: len(g.drop_duplicates()))
+    row_height = max(4.1, 0.8 + 0.2 * (int(entries.max()) + 1 if len(entries) else 0))  # room for the legend
+    fig = Figure(figsize=(width, 0.6 + row_height * n_rows), dpi=dpi, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(n_rows, 2, squeeze=False, sharex=True)
     for r in range(1, n_rows):  # shared y per column, so devices compare directly
@@ -791,7 +827,7 @@ def _scaling_figure(
         handles = []
         for line in lines:
             ls, marker = style[line.pattern]
-            color = impl_color(line.impl)
+            color = colors[line.impl]
             label = _line_label(line, show_pattern, fit_min_n)
             kw = dict(color=color, ls=ls, marker=marker, ms=3.5, lw=1.6, zorder=3)
             for ax, vals in ((ax_t, line.time_ms), (ax_m, line.mem / unit)):
@@ -922,6 +958,8 @@ def ratio_figure(df: pd.DataFrame, baseline: str, *, dpi: int = 110) -> Figure:
     show_pattern = len(patterns) > 1
     style = {p: (_LINESTYLES[i % len(_LINESTYLES)], _MARKERS[i % len(_MARKERS)]) for i, p in enumerate(patterns)}
     ns_all = sorted(df["seq_len"].unique())
+    impls = set(df["impl"])
+    colors = {name: impl_color(name, impls) for name in impls}
 
     n_rows = len(groups)
     width = 13.0
@@ -943,7 +981,7 @@ def ratio_figure(df: pd.DataFrame, baseline: str, *, dpi: int = 110) -> Figure:
                 if t.empty:
                     continue
                 ls, marker = style[pat]
-                kw = dict(color=impl_color(impl), ls=ls, marker=marker, ms=3.5, lw=1.6, zorder=3)
+                kw = dict(color=colors[impl], ls=ls, marker=marker, ms=3.5, lw=1.6, zorder=3)
                 for ax, col in ((ax_s, "speedup"), (ax_m, "mem_ratio")):
                     good = np.isfinite(t[col]) & (t[col] > 0)
                     ax.plot(t.loc[good, "seq_len"], t.loc[good, col], **kw)
@@ -1011,7 +1049,11 @@ def ratio_figure(df: pd.DataFrame, baseline: str, *, dpi: int = 110) -> Figure:
         _style_log_axes(ax, ns_all)
         ax.set_xlim(min(ns_all) / 1.25, max(ns_all) * 1.25)
         lo, hi = ax.get_ylim()
-        ax.set_ylim(min(lo, 0.5), max(hi, 2.0))
+        lo, hi = min(lo, 0.5), max(hi, 2.0)
+        if hi / lo < 100:  # at least two decades, so the log axis has labelled ticks
+            widen = math.sqrt(100 / (hi / lo))
+            lo, hi = lo / widen, hi * widen
+        ax.set_ylim(lo, hi)
     for c in range(2):
         axes[-1, c].set_xlabel("sequence length n [tokens]")
     title = [f"ratios against {baseline}"]
@@ -1107,11 +1149,12 @@ def _build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     p = argparse.ArgumentParser(
         prog="python -m attnbench.plot",
-        description=(
+        description=textwrap.fill(
             "Plot benchmark results: median time and peak memory against sequence length "
             "(log-log, one line per implementation, fitted scaling exponents in the legend, "
             "a cross where an implementation stopped: OOM, over a budget, wrong...). "
-            "With --baseline also plot speedup and memory ratio against that implementation."
+            "With --baseline also plot speedup and memory ratio against that implementation.",
+            width=88,
         ),
         epilog=(
             "examples:\n"
