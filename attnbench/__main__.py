@@ -18,6 +18,7 @@ _CHOICES = {
     "dtype": ("auto", "fp64", "fp32", "fp16", "bf16", "float64", "float32", "float16", "bfloat16"),
     "mode": ("fwd", "bwd", "fwd_bwd"),
     "device": ("auto", "cpu", "cuda"),
+    "row_files": ("auto", "true", "false", "True", "False"),
 }
 _POSITIVE = ("seq_len", "batch", "heads", "head_dim")
 
@@ -96,22 +97,37 @@ def build_configs(d: dict) -> tuple[list, bool, list[str]]:
 def _task(cfg) -> None:
     from omegaconf import OmegaConf
 
-    from attnbench.bench import format_rows, results_path, sweep
+    from attnbench.bench import format_rows, results_path, row_files_enabled, rows_dir, sweep
 
     d = OmegaConf.to_container(cfg, resolve=True)
     try:
         configs, resume, notes = build_configs(d)
         configs = [c.resolved() for c in configs]
+        row_files = row_files_enabled(_row_files_setting(d.get("row_files", "auto")))
     except ValueError as e:
         print(f"attnbench: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     for n in notes:
         print(f"note: {n}", file=sys.stderr)
-    rows = sweep(configs, resume=resume)
+    rows = sweep(configs, resume=resume, row_files=row_files)
     if rows:
         print(format_rows(rows))
-        for p in sorted({str(results_path(c)) for c in configs}):
-            print(f"results: {p}")
+        if row_files:
+            for p in sorted({str(rows_dir(c)) for c in configs}):
+                print(f"rows: {p}/ (into the table: python -m attnbench.merge {p})")
+        else:
+            for p in sorted({str(results_path(c)) for c in configs}):
+                print(f"results: {p}")
+
+
+def _row_files_setting(value: object) -> object:
+    """``row_files=auto`` means row files under a submitit launcher (each job on its own)."""
+    if str(value).strip().lower() == "auto":
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized() and "submitit" in str(HydraConfig.get().launcher.get("_target_", "")):
+            return True
+    return value
 
 
 def main() -> None:

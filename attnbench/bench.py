@@ -37,10 +37,12 @@ import dataclasses
 import datetime as _dt
 import fcntl
 import gc
+import hashlib
 import json
 import math
 import os
 import platform
+import re
 import socket
 import statistics
 import subprocess
@@ -65,6 +67,9 @@ __all__ = [
     "sweep",
     "append_row",
     "read_rows",
+    "rows_dir",
+    "write_row_file",
+    "read_row_files",
     "config_key",
     "format_rows",
 ]
@@ -767,6 +772,71 @@ def read_rows(path: str | Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+# ---------------------------------------------------------------------- row files (one per job)
+ROWS_SUFFIX = ".rows"
+
+
+def rows_dir(c: BenchConfig) -> Path:
+    """Where a sweep in row-file mode writes: ``<results_dir>/<study>.rows/``, one file per row."""
+    return Path(c.results_dir) / f"{c.study}{ROWS_SUFFIX}"
+
+
+def row_file_name(row: dict) -> str:
+    """``<host>-<pid>-<hash of study and configuration>.csv``: unique per writer and configuration,
+    so concurrent jobs on any number of machines never write the same file."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", str(row.get("host") or socket.gethostname()))
+    digest = hashlib.sha1(repr((str(row.get("study", "")), *config_key(row))).encode()).hexdigest()[:12]
+    return f"{host}-{os.getpid()}-{digest}.csv"
+
+
+def write_row_file(directory: str | Path, row: dict) -> Path:
+    """Write one row as its own small CSV file (the header of :data:`COLUMNS` and the row),
+    atomically: a hidden temporary name, flushed to disk, then renamed into place. Needs no
+    lock, so it is safe with concurrent writers on a shared (NFS) filesystem, where
+    ``fcntl`` locks are not to be relied on. Returns the file's path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / row_file_name(row)
+    tmp = directory / f".{final.name}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerow({k: _fmt(row.get(k, "")) for k in COLUMNS})
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    return final
+
+
+def row_file_paths(directory: str | Path) -> list[Path]:
+    """The finished row files in ``directory`` (temporary files of writers still at work excluded)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.suffix == ".csv" and not p.name.startswith("."))
+
+
+def read_row_files(directory: str | Path) -> list[dict]:
+    """Every row of the row files in ``directory``."""
+    return [r for p in row_file_paths(directory) for r in read_rows(p)]
+
+
+def row_files_enabled(row_files: bool | str) -> bool:
+    """Whether a sweep's ``row_files`` setting (true, false or auto) means row files here."""
+    v = str(row_files).strip().lower()
+    if v == "auto":  # inside a job started by submitit (local or SLURM)
+        return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no", "none", ""):
+        return False
+    raise ValueError(f"row_files={row_files!r}: unknown; choose one of: auto, true, false")
+
+
 def format_rows(rows: Sequence[dict]) -> str:
     """A readable table of result rows."""
     cols = ["impl", "pattern", "seq_len", "dtype", "mode", "status", "time_ms_median", "peak_mem_bytes", "tflops"]
@@ -808,19 +878,25 @@ def sweep(
     progress: bool = True,
     on_row: Callable[[dict], None] | None = None,
     history: dict | None = None,
+    row_files: bool | str = False,
 ) -> list[dict]:
     """Measure every configuration, appending each row to ``results/<study>.csv`` as
-    soon as it is measured. With ``resume``, configurations already in the table are
-    skipped. A failing configuration is a row, never the end of the sweep.
-    ``history`` carries the predictive time guard's memory across calls."""
+    soon as it is measured. With ``resume``, configurations already in the table or in
+    its row files are skipped. A failing configuration is a row, never the end of the sweep.
+    ``history`` carries the predictive time guard's memory across calls.
+
+    With ``row_files`` (``True``, or ``"auto"``: inside a submitit job) each row goes to
+    its own file in ``results/<study>.rows/`` instead (see :func:`write_row_file`), for
+    many jobs on many machines; ``python -m attnbench.merge <study>`` merges them into the table."""
     configs = [c.resolved() for c in configs]  # every config is validated before anything runs
+    use_row_files = row_files_enabled(row_files)
     done: dict[Path, set] = {}
     todo = []
     for c in configs:
         path = results_path(c)
         if resume:
             if path not in done:
-                done[path] = {config_key(r) for r in read_rows(path)}
+                done[path] = {config_key(r) for r in read_rows(path) + read_row_files(rows_dir(c))}
             if config_key(_base_row(c)) in done[path]:
                 continue
         todo.append(c)
@@ -847,7 +923,10 @@ def sweep(
             row = measure(c)
         series.append(row)
         row.pop("traceback", None)
-        append_row(results_path(c), row)
+        if use_row_files:
+            write_row_file(rows_dir(c), row)
+        else:
+            append_row(results_path(c), row)
         rows.append(row)
         if on_row:
             on_row(row)

@@ -9,7 +9,6 @@ import torch
 
 import attnbench
 
-
 DEVICE = "cuda" if os.environ.get("ATTNBENCH_TEST_DEVICE") == "cuda" else "cpu"
 
 #: absolute slack added to 2x naive's error, per dtype

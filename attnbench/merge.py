@@ -1,0 +1,225 @@
+"""Merge a sweep's row files into its study table.
+
+Jobs of a cluster sweep (``row_files=true``, the default under a submitit launcher)
+each write their rows to files of their own in ``<results_dir>/<study>.rows/``. This
+merges them, and any table already there, into ``<results_dir>/<study>.csv``::
+
+    python -m attnbench.merge scaling-cuda-h100              # a study name (in results/)
+    python -m attnbench.merge 'scaling-*'                    # every study that matches
+    python -m attnbench.merge results/scaling-cuda-h100.rows # a rows folder (or a table .csv)
+    python -m attnbench.merge 'scaling-*' --out results/scaling-all.csv
+
+Rows are deduplicated by configuration and environment: :func:`attnbench.bench.config_key`
+plus study, host, device_name and torch_version. The same configuration measured on two
+GPU types (or hosts, or torch versions) stays two rows; measured twice in the same
+environment, the newest (``timestamp``) is kept. The table keeps the columns of
+:data:`attnbench.bench.COLUMNS`, rows in time order, so plots and notebooks read it
+unchanged. Merging is idempotent: run it again whenever more rows came in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime as _dt
+import fcntl
+import fnmatch
+import io
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .bench import COLUMNS, ROWS_SUFFIX, config_key, read_rows, row_file_paths
+
+__all__ = ["merge", "merge_rows", "merge_key", "find_sources", "Source"]
+
+ENV_KEYS = ("host", "device_name", "torch_version")
+_EPOCH = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+
+
+@dataclass
+class Source:
+    """One study's results: its table and its folder of row files (either may be missing)."""
+
+    table: Path
+    rows: Path
+    row_files: list[Path] = field(default_factory=list)
+
+
+def merge_key(row: dict) -> tuple:
+    """What makes two rows the same measurement: study, configuration and environment."""
+    try:
+        key = config_key(row)
+    except (TypeError, ValueError):  # an incomplete row: only an identical row is its duplicate
+        return ("?", *(str(row.get(k, "")) for k in sorted(row)))
+    return (str(row.get("study", "")), *key, *(str(row.get(k, "") or "") for k in ENV_KEYS))
+
+
+def _when(row: dict) -> _dt.datetime:
+    try:
+        t = _dt.datetime.fromisoformat(str(row.get("timestamp", "")))
+    except ValueError:
+        return _EPOCH
+    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+
+
+def merge_rows(rows: Iterable[dict]) -> list[dict]:
+    """Deduplicate by :func:`merge_key`, keeping the newest row of each key (later input wins
+    a tie); the result is in time order."""
+    ordered = sorted(enumerate(rows), key=lambda ir: (_when(ir[1]), ir[0]))
+    newest: dict[tuple, tuple[int, dict]] = {}
+    for i, r in ordered:
+        newest[merge_key(r)] = (i, r)
+    kept = sorted(newest.values(), key=lambda ir: (_when(ir[1]), ir[0]))
+    return [r for _, r in kept]
+
+
+def _has_glob(s: str) -> bool:
+    return any(ch in s for ch in "*?[")
+
+
+def find_sources(targets: Sequence[str], results_dir: str | Path = "results") -> list[Source]:
+    """Resolve each target (a study name or pattern in ``results_dir``, a ``<study>.rows``
+    folder, or a ``<study>.csv`` table) to its table and rows folder."""
+    results_dir = Path(results_dir)
+    out: list[Source] = []
+    for t in targets:
+        p = Path(t)
+        if p.is_dir():
+            stem = p.name[: -len(ROWS_SUFFIX)] if p.name.endswith(ROWS_SUFFIX) else p.name
+            found = [Source(p.parent / f"{stem}.csv", p)]
+        elif p.suffix == ".csv":
+            found = [Source(p, p.with_suffix(ROWS_SUFFIX))]
+        else:
+            studies = set()
+            if results_dir.is_dir():
+                for q in results_dir.iterdir():
+                    if q.suffix == ".csv" and q.is_file():
+                        studies.add(q.stem)
+                    elif q.name.endswith(ROWS_SUFFIX) and q.is_dir():
+                        studies.add(q.name[: -len(ROWS_SUFFIX)])
+            names = sorted(fnmatch.filter(studies, t)) if _has_glob(t) else [t] if t in studies else []
+            found = [Source(results_dir / f"{s}.csv", results_dir / f"{s}{ROWS_SUFFIX}") for s in names]
+        found = [s for s in found if s.table.is_file() or s.rows.is_dir()]
+        if not found:
+            raise FileNotFoundError(
+                f"{t}: no results found (looked for a study in {results_dir}/, a <study>{ROWS_SUFFIX} "
+                f"folder or a <study>.csv table)"
+            )
+        for s in found:
+            s.row_files = sorted(row_file_paths(s.rows), key=lambda f: (f.stat().st_mtime, f.name))
+            if all(s.table.resolve() != o.table.resolve() for o in out):
+                out.append(s)
+    return out
+
+
+def _render(rows: list[dict]) -> str:
+    header = list(COLUMNS)
+    for r in rows:
+        header += [k for k in r if k not in header and k is not None]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore", lineterminator="\r\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in header})
+    return buf.getvalue()
+
+
+def _merge_into(out: Path, extra_rows: list[dict]) -> tuple[int, int]:
+    """Merge ``extra_rows`` into the table ``out`` in place, under the same lock that
+    :func:`attnbench.bench.append_row` takes (a local sweep appending meanwhile loses
+    nothing). The merged text goes to a side file first, so a crash mid-write leaves a
+    complete copy. Returns (rows in the table before, rows after)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a+", newline="") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            f.seek(0)
+            before = list(csv.DictReader(f))
+            merged = merge_rows(before + extra_rows)
+            text = _render(merged)
+            side = out.with_name(f"{out.name}.merge-{os.getpid()}.tmp")
+            with open(side, "w", newline="") as s:
+                s.write(text)
+                s.flush()
+                os.fsync(s.fileno())
+            f.seek(0)
+            f.truncate()
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+            side.unlink()
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    return len(before), len(merged)
+
+
+def merge(
+    targets: Sequence[str],
+    out: str | Path | None = None,
+    results_dir: str | Path = "results",
+    clean: bool = False,
+    log=print,
+) -> dict[Path, int]:
+    """Merge the row files (and tables) of ``targets`` into each study's table, or all of
+    them into ``out``. With ``clean``, the row files merged are removed afterwards (those
+    that arrive meanwhile stay). Returns the number of rows of each table written."""
+    sources = find_sources(targets, results_dir)
+    if out is not None:
+        out = Path(out)
+        extra = []
+        for s in sources:
+            if s.table.is_file() and s.table.resolve() != out.resolve():
+                extra += read_rows(s.table)
+        groups = [(out, sources, extra)]
+    else:
+        groups = [(s.table, [s], []) for s in sources]
+    written = {}
+    for table, srcs, extra in groups:
+        files = [p for s in srcs for p in s.row_files]
+        from_files = [r for p in files for r in read_rows(p)]
+        incoming = extra + from_files
+        before, after = _merge_into(table, incoming)
+        dropped = before + len(incoming) - after
+        log(
+            f"{table}: {after} rows ({before} already in the table, {len(files)} row files"
+            + (f", {len(extra)} rows from other tables" if extra else "")
+            + f"; {dropped} duplicates dropped)"
+        )
+        written[table] = after
+        if clean:
+            for p in files:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            for s in srcs:
+                with contextlib.suppress(OSError):
+                    s.rows.rmdir()  # only when empty
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m attnbench.merge",
+        description="Merge a sweep's row files (<results_dir>/<study>.rows/) into its study table "
+        "(<results_dir>/<study>.csv), deduplicated by configuration and environment.",
+    )
+    ap.add_argument(
+        "targets", nargs="+", metavar="STUDY|ROWS_DIR|TABLE", help="a study name or glob, a .rows folder, a .csv table"
+    )
+    ap.add_argument("--out", help="write everything into this one table instead of each study's own")
+    ap.add_argument("--results-dir", default="results", help="where study names are looked up (default: results)")
+    ap.add_argument("--clean", action="store_true", help="remove the row files once merged")
+    args = ap.parse_args(argv)
+    try:
+        merge(args.targets, out=args.out, results_dir=args.results_dir, clean=args.clean)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"attnbench.merge: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
