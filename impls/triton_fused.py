@@ -1,0 +1,290 @@
+"""triton: fused FlashAttention-2 style kernels for the whole pattern (window,
+dilation, per-head dilation, global tokens, causal), forward and backward.
+
+    S = scale * Q K^T restricted to the pattern, never stored: each block of query rows
+    streams only the key blocks that meet its window, then the global keys, keeping a
+    running max m and sum l (online softmax, fp32); O = acc / l, LSE = m + log l.
+    Backward recomputes P = exp(S - LSE): delta = rowsum(dO * O), then a dK/dV kernel
+    and a dQ kernel (dS = P * (dP - delta)), as in Triton's fused-attention tutorial.
+
+Work and memory O(n * (w + G)) per head: dilation is handled by addressing each residue
+class with a stride of d tokens (no skipped key is visited), per-head dilation by one
+launch per dilation group, global rows by their own kernels. The kernels and their
+formulas are in ``impls/_triton_kernels.py``.
+
+CPU tensors run in Triton's interpreter (numpy, slow: tests use small sizes); CUDA
+tensors run compiled kernels, autotuned per head_dim and window for long sequences.
+The call goes through the custom op ``torch.ops.attnbench.triton_longformer_fwd``
+(with a fake implementation and a registered backward), so it composes with
+``torch.compile``; :class:`TritonLongformerAttention` is the same as a plain
+``torch.autograd.Function``.
+
+Triton is imported only when a call runs: ``import impls.triton_fused`` needs torch
+alone, and the probe names what is missing.
+"""
+
+import functools
+import importlib.util
+import os
+import sys
+import threading
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from attnbench import Pattern, register
+
+MAX_HEAD_DIM = 256
+#: block sizes in the interpreter (must match _triton_kernels.INTERP_BLOCK)
+INTERPRETER_BLOCK = 32
+#: on CUDA, sequences at least this long are autotuned (must match _triton_kernels.AUTOTUNE_MIN_SEQ)
+AUTOTUNE_MIN_SEQ = 4096
+
+_KERNEL_FILE = Path(__file__).with_name("_triton_kernels.py")
+_KERNEL_MODULES: dict[bool, ModuleType] = {}
+_LOAD_LOCK = threading.Lock()
+_LAST_MODULE: list[ModuleType] = []
+
+
+def kernels(interpret: bool) -> ModuleType:
+    """The kernel module, loaded once per mode under its own name.
+
+    ``@triton.jit`` reads TRITON_INTERPRET when it decorates, so the module is executed
+    with the variable set as wanted (then restored): ``interpret=True`` gives numpy
+    kernels for CPU tensors, ``False`` compiled ones for CUDA; both can live in one
+    process."""
+    mod = _KERNEL_MODULES.get(interpret)
+    if mod is not None:
+        return mod
+    with _LOAD_LOCK:
+        mod = _KERNEL_MODULES.get(interpret)
+        if mod is not None:
+            return mod
+        # triton itself first, under the process's own TRITON_INTERPRET: its standard
+        # library (and gluon, which triton's launcher imports lazily and which checks
+        # that mode) must not be decorated in the mode we set for our kernels only
+        import triton
+        import triton.language  # noqa: F401
+
+        try:
+            import triton.experimental.gluon  # noqa: F401
+        except Exception:  # absent in older triton
+            pass
+        del triton
+        name = "impls._triton_kernels_" + ("interpreted" if interpret else "compiled")
+        spec = importlib.util.spec_from_file_location(name, _KERNEL_FILE)
+        mod = importlib.util.module_from_spec(spec)
+        old = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+        try:
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+        except BaseException:
+            sys.modules.pop(name, None)
+            raise
+        finally:
+            if old is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = old
+        if mod.INTERPRETED != interpret:  # pragma: no cover - a broken environment
+            raise RuntimeError(f"triton kernels loaded with interpret={mod.INTERPRETED}, wanted {interpret}")
+        _KERNEL_MODULES[interpret] = mod
+        return mod
+
+
+def _kernels_for(t: torch.Tensor) -> ModuleType:
+    mod = kernels(t.device.type == "cpu")
+    _LAST_MODULE[:] = [mod]
+    return mod
+
+
+def last_config() -> dict:
+    """Block sizes (and warps, stages) used by the most recent call: the forward's
+    ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_D`` (head_dim padded), ``BLOCK_G`` (global
+    block), ``num_warps``, ``num_stages``, whether they were ``autotuned`` (on CUDA:
+    the autotuner's best_config) or ``interpreted``, and under ``"backward"`` the same
+    for the latest backward. Empty before the first call."""
+    if not _LAST_MODULE:
+        return {}
+    cfg = dict(_LAST_MODULE[0].LAST_CONFIG)
+    if "backward" in cfg:
+        cfg["backward"] = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg["backward"].items()}
+    return cfg
+
+
+# ---------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("attnbench::triton_longformer_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: int,
+    dilation: list[int],
+    causal: bool,
+    global_tokens: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out, lse2): out ``(B, H, n, D)`` contiguous in the input dtype, lse2 the
+    base-2 log-sum-exp ``(B, H, n)`` fp32. ``dilation`` has one entry per head."""
+    kern = _kernels_for(q)
+    return kern.forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), tuple(dilation), window, causal, tuple(global_tokens), scale
+    )
+
+
+@_fwd_op.register_fake
+def _fwd_fake(q, k, v, window, dilation, causal, global_tokens, scale):
+    B, H, n, _ = q.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return out, torch.empty((B, H, n), dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("attnbench::triton_longformer_bwd", mutates_args=())
+def _bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    window: int,
+    dilation: list[int],
+    causal: bool,
+    global_tokens: list[int],
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, in the input dtype."""
+    kern = _kernels_for(q)
+    return kern.backward(
+        dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
+        tuple(dilation), window, causal, tuple(global_tokens), scale,
+    )  # fmt: skip
+
+
+@_bwd_op.register_fake
+def _bwd_fake(dout, q, k, v, out, lse, window, dilation, causal, global_tokens, scale):
+    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, window, dilation, causal, global_tokens, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.params = (window, dilation, causal, global_tokens, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.attnbench.triton_longformer_bwd(dout, q, k, v, out, lse, *ctx.params)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _op_args(q: torch.Tensor, pattern: Pattern, scale: float) -> tuple:
+    dil = list(pattern.dilations(q.shape[1]))
+    return pattern.window, dil, pattern.causal, list(pattern.global_tokens), float(scale)
+
+
+class TritonLongformerAttention(torch.autograd.Function):
+    """The kernels as a plain autograd Function (eager only; the registered
+    implementation uses the custom op, which torch.compile can trace).
+
+    ``TritonLongformerAttention.apply(q, k, v, pattern, scale)``."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float):
+        params = _op_args(q, pattern, scale)
+        window, dil, causal, glob, sc = params
+        out, lse = _kernels_for(q).forward(
+            q.contiguous(), k.contiguous(), v.contiguous(), tuple(dil), window, causal, tuple(glob), sc
+        )
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.params = params
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        window, dil, causal, glob, sc = ctx.params
+        dq, dk, dv = _kernels_for(q).backward(
+            dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
+            tuple(dil), window, causal, tuple(glob), sc,
+        )  # fmt: skip
+        return dq, dk, dv, None, None
+
+
+# ---------------------------------------------------------------------------- registry
+@functools.lru_cache(maxsize=1)
+def _probe() -> str | None:
+    try:
+        import numpy  # noqa: F401  (the interpreter computes in numpy)
+    except ImportError:
+        return "needs the 'numpy' package (not installed)"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "needs the 'triton' package (not installed)"
+    except Exception as e:  # a broken install is a reason, not a crash
+        return f"triton failed to import: {type(e).__name__}: {e}"
+    try:
+        import triton.language  # noqa: F401
+        import triton.runtime.interpreter  # noqa: F401
+    except Exception as e:
+        return f"triton failed to import: {type(e).__name__}: {e}"
+    return None
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, 1 << max(0, head_dim - 1).bit_length())
+
+
+def _check(q: torch.Tensor, pattern: Pattern) -> list[str]:
+    B, H, n, D = q.shape
+    reasons = []
+    if D > MAX_HEAD_DIM:
+        reasons.append(f"head_dim={D} not supported (at most {MAX_HEAD_DIM})")
+    if B * H > 65535:
+        reasons.append(f"batch*heads={B * H} exceeds the grid limit 65535")
+    if n * _block_d(D) >= 2**31:
+        reasons.append(f"seq_len*head_dim={n * _block_d(D)} overflows the kernels' int32 offsets within a head")
+    if q.device.type == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] < 8:
+        reasons.append("bf16 needs a GPU of compute capability >= 8.0")
+    return reasons
+
+
+def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
+    io = B * H * n * D * esize
+    rows = B * H * n * 4  # LSE / delta, fp32
+    fwd = io + rows + n  # out, LSE, the global-row flags
+    if not backward:
+        return float(fwd)
+    dkv = 2 * B * H * n * D * (4 + esize) if pattern.global_tokens else 2 * io  # fp32 buffers, then cast
+    return float(fwd + rows + io + dkv + io)  # + delta, dq, dk/dv, a contiguous dO
+
+
+@register(
+    "triton",
+    devices=("cpu", "cuda"),
+    dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    features=("dilation", "per_head_dilation", "global_tokens", "causal", "backward"),
+    probe=_probe,
+    check=_check,
+    memory=_memory,
+    description="fused Triton kernels, FlashAttention-2 style over window + global keys (interpreted on CPU)",
+    slow_on_cpu=True,
+    interpreted_on_cpu=True,
+    tunables={
+        "interpreter_block": INTERPRETER_BLOCK,
+        "autotune_min_seq": AUTOTUNE_MIN_SEQ,
+        "autotune_key": "head_dim, window",
+        "max_head_dim": MAX_HEAD_DIM,
+    },
+)
+def triton_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+    out, _ = torch.ops.attnbench.triton_longformer_fwd(q, k, v, *_op_args(q, pattern, scale))
+    return out

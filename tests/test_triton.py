@@ -1,0 +1,225 @@
+"""The fused Triton implementation beyond the shared correctness cases: the custom op
+under torch.compile, the autograd Function, last_config, the kernel loader, the
+interpreter's small blocks, and the compiled (CUDA) path without a GPU: every kernel
+is compiled for sm90, and the CUDA launch code is run against recording stand-ins.
+
+On the CPU the kernels run in Triton's interpreter, so sizes stay small."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import DEVICE, compare, rand_qkv
+
+import attnbench
+from attnbench import Pattern
+
+triton = pytest.importorskip("triton")
+
+import impls.triton_fused as tf  # noqa: E402
+
+
+def _ref_grads(q, k, v, p, dout):
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = attnbench.reference(q64, k64, v64, p)
+    return ref, torch.autograd.grad(ref, (q64, k64, v64), dout)
+
+
+def _naive_err(q, k, v, p, dout) -> list[float]:
+    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = attnbench.attention(qn, kn, vn, p, impl="naive")
+    grads = torch.autograd.grad(out, (qn, kn, vn), dout.to(q.dtype))
+    ref, ref_grads = _ref_grads(q, k, v, p, dout)
+    return [(a.double() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads))]
+
+
+def test_import_needs_no_triton():
+    """The registry imports every impls module: this one must not import triton."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # any 'import triton' now fails
+        "import attnbench, impls.triton_fused\n"
+        "print(attnbench.get_impl('triton').unavailable_reason())\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "needs the 'triton' package" in res.stdout
+
+
+def test_kernel_copies_coexist():
+    interp, compiled = tf.kernels(True), tf.kernels(False)
+    assert interp.INTERPRETED and not compiled.INTERPRETED
+    assert interp is not compiled and tf.kernels(True) is interp
+    assert interp.INTERP_BLOCK == tf.INTERPRETER_BLOCK
+    assert compiled.AUTOTUNE_MIN_SEQ == tf.AUTOTUNE_MIN_SEQ
+
+
+def test_custom_op_torch_compile_and_last_config():
+    q, k, v = rand_qkv(1, 2, 40, 16, torch.float32, requires_grad=True)
+    p = Pattern(6, 2, True, (3,))
+
+    fn = attnbench.get_impl("triton").fn  # the registry's own checks stay outside the graph
+
+    def f(q, k, v):
+        return fn(q, k, v, p, 0.25) * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    out = compiled(q, k, v)
+    cfg = tf.last_config()
+    assert cfg["BLOCK_D"] == 16 and "backward" not in cfg and cfg["interpreted"] == (DEVICE == "cpu")
+    if DEVICE == "cpu":
+        assert cfg["BLOCK_M"] == cfg["BLOCK_N"] == tf.INTERPRETER_BLOCK
+    else:  # n = 40: the fixed config, not the autotuner
+        assert not cfg["autotuned"] and cfg["num_warps"] and cfg["BLOCK_M"] >= 16
+    dout = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert tf.last_config()["backward"]["kv"]["BLOCK_N"] >= 16
+    ref, ref_grads = _ref_grads(q, k, v, p, 2 * dout.double())
+    assert (out.double() - 2 * ref).abs().max() < 1e-5
+    for g, r in zip(grads, ref_grads):
+        assert (g.double() - r).abs().max() < 1e-5
+
+
+def test_custom_op_opcheck():
+    q, k, v = rand_qkv(1, 2, 20, 16, torch.float32, requires_grad=True)
+    args = (q, k, v, 4, [1, 2], False, [0], 0.25)
+    torch.library.opcheck(torch.ops.attnbench.triton_longformer_fwd.default, args, test_utils=("test_schema",
+                          "test_autograd_registration", "test_faketensor"))  # fmt: skip
+
+
+def test_autograd_function_matches_op():
+    q, k, v = rand_qkv(2, 2, 37, 24, torch.float32, requires_grad=True)  # head_dim 24: padded to 32
+    p = Pattern(8, (1, 3), False, (36,))
+    out = tf.TritonLongformerAttention.apply(q, k, v, p, 24**-0.5)
+    ref, ref_grads = _ref_grads(q, k, v, p, torch.ones_like(out, dtype=torch.float64))
+    assert (out.double() - ref).abs().max() < 1e-5
+    for g, r in zip(torch.autograd.grad(out.sum(), (q, k, v)), ref_grads):
+        assert (g.double() - r).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_interpreter_small_blocks(monkeypatch, dtype):
+    """Blocks of 16 at n=100: many row blocks, classes of several blocks, the inner
+    (unmasked) window stage, global keys in and out of windows."""
+    monkeypatch.setattr(tf.kernels(True), "INTERP_BLOCK", 16)
+    q, k, v = rand_qkv(1, 3, 100, 16, dtype, seed=3, requires_grad=True)
+    p = Pattern(64, (1, 2, 3), False, (0, 31, 99))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    out = attnbench.attention(q, k, v, p, impl="triton")
+    grads = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
+    ref, ref_grads = _ref_grads(q, k, v, p, dout)
+    base = _naive_err(q, k, v, p, dout)
+    for (name, got, want), b in zip(zip("oqkv", (out, *grads), (ref, *ref_grads)), base):
+        compare(got, want, b, dtype, f"blocks of 16, d{name}")
+
+
+def test_check_reasons():
+    im = attnbench.get_impl("triton")
+    q = torch.zeros(1, 1, 4, 300)
+    reasons = im.not_supported_reasons(Pattern(2), device="cpu", dtype=torch.float32, q=q)
+    assert any("head_dim=300" in r for r in reasons)
+    q, k, v = rand_qkv(1, 1, 9, 8, torch.float32)  # head_dim 8: padded to 16
+    compare(attnbench.attention(q, k, v, Pattern(2), impl="triton"), attnbench.reference(q, k, v, Pattern(2)), 0.0,
+            torch.float32, "head_dim 8")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- compiled path, no GPU
+class _Recorder:
+    """Stands in for a JITFunction or Autotuner: binds each launch to the kernel's
+    signature (a missing or unknown argument raises) and evaluates its grid."""
+
+    def __init__(self, fn, tuned: bool):
+        self.fn, self.tuned, self.launches = fn, tuned, []
+        self.best_config = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=3)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            for o in ("num_warps", "num_stages"):
+                kwargs.pop(o, None)
+            if self.tuned:
+                assert "BLOCK_M" not in kwargs and "BLOCK_N" not in kwargs
+                kwargs.update(self.best_config.kwargs)
+            bound = inspect.signature(self.fn.fn).bind(*args, **kwargs).arguments
+            g = grid(bound) if callable(grid) else grid
+            assert not bound["STATIC_LOOPS"] if "STATIC_LOOPS" in bound else True
+            self.launches.append((self.fn.fn.__name__, g, bound))
+
+        return launch
+
+
+@pytest.mark.parametrize("n", [300, 5000])  # fixed configs; autotuned kernels (n >= AUTOTUNE_MIN_SEQ)
+def test_cuda_launch_code_binds(monkeypatch, n):
+    kern = tf.kernels(False)
+    recorders = {}
+    for name in dir(kern):
+        obj = getattr(kern, name)
+        if isinstance(obj, triton.runtime.Autotuner):
+            recorders[name] = _Recorder(obj.fn, tuned=True)
+        elif isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel"):
+            recorders[name] = _Recorder(obj, tuned=False)
+    for name, rec in recorders.items():
+        monkeypatch.setattr(kern, name, rec)
+    B, H, D = 2, 4, 40
+    q, k, v = (torch.zeros(B, H, n, D, dtype=torch.bfloat16) for _ in range(3))
+    out, lse = kern.forward(q, k, v, (1, 1, 2, 3), 16, True, (0, 7, n - 1), 0.1)
+    kern.backward(out, q, k, v, out, lse, (1, 1, 2, 3), 16, True, (0, 7, n - 1), 0.1)
+    launches = [x for r in recorders.values() for x in r.launches]
+    names = {x[0] for x in launches}
+    assert names == {
+        "_fwd_window_kernel", "_fwd_global_rows_kernel", "_bwd_delta_kernel", "_bwd_kv_window_kernel",
+        "_bwd_q_window_kernel", "_bwd_kv_global_keys_kernel", "_bwd_q_global_rows_kernel",
+    }  # fmt: skip
+    for name, grid, args in launches:
+        if name in ("_fwd_window_kernel", "_bwd_q_window_kernel", "_bwd_kv_window_kernel"):
+            d, own = args["d"], args["BLOCK_N" if name == "_bwd_kv_window_kernel" else "BLOCK_M"]
+            n_cls = -(-n // d)  # longest residue class
+            assert grid == (d * -(-n_cls // own), B * args["HG"])
+            assert args["BLOCK_D"] == 64 and args["HEAD_DIM"] == 40 and args["UPCAST"] is False
+    cfg = kern.LAST_CONFIG
+    assert cfg["autotuned"] == (n >= kern.AUTOTUNE_MIN_SEQ)
+    if cfg["autotuned"]:
+        assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"]) == (64, 32, 3)
+
+
+def test_kernels_compile_for_sm90():
+    """Every kernel through Triton's whole CUDA pipeline (to a cubin, with ptxas), no
+    GPU needed. Catches what the interpreter lets through (typing, constexpr use)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kern = tf.kernels(False)
+    target = GPUTarget("cuda", 90, 32)
+    types = {k: "i32" for k in ("n", "H", "HG", "d", "lo", "hi", "G", "causal")}
+    types.update({"scale": "fp32", "scale_log2": "fp32", "LSE": "*fp32", "DELTA": "*fp32", "DK": "*fp32",
+                  "DV": "*fp32", "HEADS": "*i32", "ROW_GLOBAL": "*i8", "GLOB": "*i32", "DIL": "*i32"})  # fmt: skip
+    types.update({p: "*bf16" for p in ("Q", "K", "V", "O", "DO", "DQ")})
+    consts = dict(HEAD_DIM=40, BLOCK_D=64, BLOCK_M=64, BLOCK_N=32, BLOCK_G=16, DOT_PREC="tf32", UPCAST=False,
+                  STATIC_LOOPS=False, S_K1=0, S_K2=0, S_KN=0, S_GN=0, S_QN=0)  # fmt: skip
+    try:
+        import triton.backends.nvidia  # noqa: F401
+    except Exception as e:  # pragma: no cover
+        pytest.skip(f"no CUDA backend in this triton: {e}")
+    for name in ("_fwd_window_kernel", "_fwd_global_rows_kernel", "_bwd_delta_kernel", "_bwd_kv_window_kernel",
+                 "_bwd_kv_global_keys_kernel", "_bwd_q_window_kernel", "_bwd_q_global_rows_kernel"):  # fmt: skip
+        fn = getattr(kern, name)
+        sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
+        cx = {(fn.arg_names.index(a),): consts[a] for a in fn.arg_names if a in consts}
+        try:
+            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target,
+                                      options={"num_warps": 4, "num_stages": 2})  # fmt: skip
+        except OSError as e:  # pragma: no cover - the toolchain, not the kernels
+            pytest.skip(f"CUDA toolchain of this triton cannot run here: {e}")
+        assert compiled.asm.get("cubin"), name
+
+
+def test_no_interpret_leak():
+    """Loading the interpreted copy sets TRITON_INTERPRET only while it is imported."""
+    before = os.environ.get("TRITON_INTERPRET")
+    tf.kernels(True)
+    tf.kernels(False)
+    assert os.environ.get("TRITON_INTERPRET") == before
