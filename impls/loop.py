@@ -1,6 +1,7 @@
 """loop: the paper's non-vectorised Longformer-loop.
 
-For each query i, gather exactly the keys K(i) it attends to and compute
+For each query i, take exactly the keys K(i) it attends to (a strided slice for the
+window, plus the global keys outside it) and compute
 
     o_i = softmax_j(scale * q_i . k_j, j in K(i)) v_{K(i)}
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from attnbench import Pattern, register
-from attnbench.ops import gather_heads, global_index, head_groups, scatter_heads
+from attnbench.ops import gather_heads, head_groups, scatter_heads
 
 
 def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
@@ -22,22 +23,17 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     return rows * (2 + (pattern.window + 1 + len(pattern.global_tokens)) * (2 if backward else 0) / max(D, 1))
 
 
-def _keys(i: int, n: int, d: int, pattern: Pattern, glob: torch.Tensor, is_global: bool) -> torch.Tensor:
-    """Sorted key positions that query i attends to (dilation d)."""
-    dev = glob.device
-    if is_global:
-        return torch.arange(0, i + 1 if pattern.causal else n, device=dev)
-    lo, hi = pattern.offset_range
-    c_min = max(lo, -(i // d))  # smallest c with i + d*c >= 0
-    c_max = min(hi, (n - 1 - i) // d)  # largest c with i + d*c < n
-    win = torch.arange(i + d * c_min, i + d * c_max + 1, d, device=dev)  # (<= w+1,)
-    if glob.numel() == 0:
-        return win
-    diff = glob - i
-    extra = ~((diff % d == 0) & (diff >= lo * d) & (diff <= hi * d))  # globals outside the window
-    if pattern.causal:
-        extra &= diff <= 0
-    return torch.cat([win, glob[extra]])
+def _extra_globals(i: int, d: int, lo: int, hi: int, globs: tuple[int, ...], causal: bool) -> list[int]:
+    """Global keys query i attends to beyond its window (never counted twice)."""
+    out = []
+    for g in globs:
+        diff = g - i
+        if diff % d == 0 and lo * d <= diff <= hi * d:
+            continue  # already in the window
+        if causal and diff > 0:
+            continue
+        out.append(g)
+    return out
 
 
 @register(
@@ -48,21 +44,31 @@ def _keys(i: int, n: int, d: int, pattern: Pattern, glob: torch.Tensor, is_globa
 )
 def loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
     B, H, n, D = q.shape
-    glob = global_index(pattern, q.device)
+    lo, hi = pattern.offset_range
     gset = set(pattern.global_tokens)
     acc = torch.promote_types(q.dtype, torch.float32)
     parts = []
     for d, heads in head_groups(pattern, H):
         qg, kg, vg = (gather_heads(t, heads) for t in (q, k, v))  # (B, Hg, n, D)
-        # Gather from copies in >= fp32: the backward of each gather adds one row's
-        # gradient into dK/dV, and n such additions in bf16 would lose what a single
-        # matrix product (fp32 accumulation) keeps. The arithmetic stays in q's dtype.
+        # Slice from copies in >= fp32: the backward of each row's slice adds that
+        # row's gradient into dK/dV, and n such additions in bf16 would lose what a
+        # single matrix product (fp32 accumulation) keeps. The arithmetic stays in q's dtype.
         kg, vg = kg.to(acc), vg.to(acc)
         rows = []
         for i in range(n):
-            idx = _keys(i, n, d, pattern, glob, i in gset)  # (K,)
-            kk = kg.index_select(2, idx).to(q.dtype)  # (B, Hg, K, D)
-            vv = vg.index_select(2, idx).to(q.dtype)  # (B, Hg, K, D)
+            if i in gset:  # a global query: every key (j <= i when causal)
+                kk, vv = kg[:, :, : i + 1 if pattern.causal else n], vg[:, :, : i + 1 if pattern.causal else n]
+            else:
+                # window keys i + d*c, truncated at the edges: a strided view, no copy
+                j0 = i + d * max(lo, -(i // d))
+                j1 = i + d * min(hi, (n - 1 - i) // d)
+                kk, vv = kg[:, :, j0 : j1 + 1 : d], vg[:, :, j0 : j1 + 1 : d]  # (B, Hg, K, D)
+                extra = _extra_globals(i, d, lo, hi, pattern.global_tokens, pattern.causal)
+                if extra:
+                    idx = torch.tensor(extra, device=q.device)
+                    kk = torch.cat([kk, kg.index_select(2, idx)], dim=2)
+                    vv = torch.cat([vv, vg.index_select(2, idx)], dim=2)
+            kk, vv = kk.to(q.dtype), vv.to(q.dtype)
             s = torch.matmul(kk, qg[:, :, i, :, None]).squeeze(-1) * scale  # (B, Hg, K)
             p = torch.softmax(s.to(acc), dim=-1).to(v.dtype)
             rows.append(torch.matmul(p.unsqueeze(-2), vv).squeeze(-2))  # (B, Hg, D)
