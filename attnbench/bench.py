@@ -864,6 +864,8 @@ def format_rows(rows: Sequence[dict]) -> str:
         line = []
         for k in cols:
             v = r.get(k, "")
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                v = ""
             if k == "peak_mem_bytes" and v not in ("", None) and not (isinstance(v, float) and math.isnan(v)):
                 v = _human_bytes(float(v))
             elif k == "time_ms_median" and v not in ("", None):

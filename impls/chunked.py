@@ -8,9 +8,9 @@ band width W = w + 1, the scores live in a band
 
 computed chunk by chunk: queries are cut into chunks of C rows; chunk t meets the
 C + W - 1 keys [t*C + lo, t*C + C - 1 + hi] (overlapping key chunks), one matrix
-product per chunk gives (C, C + W - 1) scores, and a skew (pad + reshape) moves the
-diagonals into the W columns of the band. The intermediate is about 2x the band,
-never n x n.
+product per chunk gives (C, C + W - 1) scores, and a skew (a strided view) moves
+the diagonals into the W columns of the band. With the original's C = w the
+intermediate is about 2x the band; here C = w/4, about 1.25x. Never n x n.
 
 Dilation d: a dilated window over n tokens is the plain window over each of the d
 interleaved subsequences {i : i mod d = r}, so tokens are permuted into d residue
@@ -36,17 +36,18 @@ MIN_CHUNK = 16
 
 
 def _chunk(window: int, m: int) -> int:
-    # Chunks of ~w rows keep the intermediate at ~2x the band (as the original's 2r
-    # chunks with overlap r); small windows still get a few rows per matmul.
-    return max(1, min(max(window, MIN_CHUNK), m))
+    # A chunk of C rows meets C + w keys, so the intermediate is (C + w) / (w + 1)
+    # times the band: the original's C = w doubles it; C = w/4 keeps it at 1.25x
+    # while each matmul still has enough rows. Small windows get MIN_CHUNK rows.
+    return max(1, min(max(window // 4, MIN_CHUNK), m))
 
 
 def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
     W = pattern.window + 1
-    C = max(pattern.window, MIN_CHUNK)
+    C = max(pattern.window // 4, MIN_CHUNK)
     G = len(pattern.global_tokens)
     rows = B * H * (n + C * pattern.max_dilation)
-    band = rows * (C + W - 1) * esize + rows * (W + G) * (4 + 4 + esize + 1)  # chunk scores, fp32 scores/probs
+    band = rows * (C + W - 1) * esize * 2 + rows * (W + G) * (4 + 4 + esize + 1)  # chunk scores, fp32 scores/probs
     dense_g = B * H * G * n * (esize + 8)
     io = 4 * B * H * n * D * esize
     return (band + dense_g + io) * (2.5 if backward else 1.0)
@@ -59,11 +60,12 @@ def _band_scores(q: torch.Tensor, kp: torch.Tensor, W: int, C: int) -> torch.Ten
     nc, L = M // C, C + W - 1
     qc = q.reshape(*lead, nc, C, D)  # (..., nc, C, D)
     kc = kp.unfold(-2, L, C)  # (..., nc, D, L): overlapping key chunks, a view
-    s = torch.matmul(qc, kc)  # (..., nc, C, L)
-    # skew: entry (a, a + b) sits at flat a*(L+1) + b once each row is padded by one
-    s = F.pad(s.flatten(-2), (0, C))  # (..., nc, C*(L+1))
-    s = s.view(*lead, nc, C, L + 1)[..., :W]  # (..., nc, C, W)
-    return s.reshape(*lead, M, W)
+    s = torch.matmul(qc, kc).contiguous()  # (..., nc, C, L)
+    # skew without a copy: entry (a, a + b) of a chunk sits at flat a*(L+1) + b, so the
+    # band is a strided view with row stride L+1 (a + b <= C-1 + W-1 = L-1: in bounds)
+    st = s.stride()
+    band = s.as_strided((*s.shape[:-1], W), (*st[:-2], L + 1, 1))  # (..., nc, C, W)
+    return band.reshape(*lead, M, W)  # the one copy: the band itself
 
 
 def _band_av(p: torch.Tensor, vp: torch.Tensor, C: int) -> torch.Tensor:
@@ -138,10 +140,11 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
         if G:
             valid &= ~is_g[j.clamp(0, n - 1)]  # global keys live in their own columns
         valid |= (b == -lo) & (r + d * t >= n)  # padding rows keep one finite score: no NaN
-        s = s.to(acc).masked_fill(~valid, float("-inf"))
+        s = s.to(acc).masked_fill_(~valid, float("-inf"))  # s is a fresh tensor: in place
         if G:
             s = torch.cat([s, _split(gather_heads(sg_all, heads), d, M)], dim=-1)  # (B, Hg, d, M, W+G)
         p = torch.softmax(s, dim=-1).to(v.dtype)
+        del s  # peak memory: the scores can go before the probabilities are unskewed
         o = _band_av(p[..., :W], vp, C)  # (B, Hg, d, M, D)
         if G:
             o = o + torch.matmul(p[..., W:], gather_heads(vg, heads).unsqueeze(2))  # (B,Hg,d,M,G)@(B,Hg,1,G,D)
