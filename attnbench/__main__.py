@@ -77,7 +77,7 @@ def build_configs(d: dict) -> tuple[list, bool, list[str]]:
     if "{device}" in base.study:
         base = dataclasses.replace(base, study=base.study.replace("{device}", _device_tag(base.device)))
     if grid.get("impl") == "all" or grid.get("impl") == ["all"]:
-        dev = base.resolved().device if base.seq_len else ("cuda" if _device_tag(base.device) != "cpu" else "cpu")
+        dev = base.resolved().device
         avail = []
         for name in attnbench.list_impls():
             im = attnbench.get_impl(name)

@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from .pattern import Pattern
-from .reference import reference, reference_rows
+from .reference import default_scale, reference, reference_rows
 from .registry import UnsupportedError, get_impl
 
 __all__ = [
@@ -396,8 +396,6 @@ class _Case:
                 t.requires_grad_(True)
         im = get_impl(c.impl)
         self.fn = im.fn
-        from .reference import default_scale
-
         self.scale = default_scale(c.head_dim)
 
     def forward(self) -> torch.Tensor:

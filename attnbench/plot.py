@@ -781,6 +781,20 @@ def scaling_figures(
     return figures
 
 
+def _side_legend(ax, handles: list, title: str) -> None:
+    """The legend outside the right edge of ``ax``, shared by every figure."""
+    ax.legend(
+        handles=handles,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        fontsize=8,
+        frameon=False,
+        title=title,
+        title_fontsize=8.5,
+        alignment="left",
+    )
+
+
 def _scaling_figure(
     sub: pd.DataFrame,
     key: dict[str, object],
@@ -858,15 +872,8 @@ def _scaling_figure(
         ax_t.set_ylabel("median time [ms]")
         ax_m.set_ylabel(f"peak memory [{unit_name}]")
         if handles:
-            ax_m.legend(
-                handles=handles,
-                loc="upper left",
-                bbox_to_anchor=(1.02, 1.0),
-                fontsize=8,
-                frameon=False,
-                title="impl (fitted scaling)" if not show_pattern else "impl · pattern (fitted scaling)",
-                title_fontsize=8.5,
-                alignment="left",
+            _side_legend(
+                ax_m, handles, "impl (fitted scaling)" if not show_pattern else "impl · pattern (fitted scaling)"
             )
         for ax, what in ((ax_t, "time"), (ax_m, "peak-memory")):
             if not ax.lines:
@@ -1025,16 +1032,7 @@ def ratio_figure(df: pd.DataFrame, baseline: str, *, dpi: int = 110) -> Figure:
         ax_s.set_ylabel(f"speedup: {baseline} time / impl time [×]")
         ax_m.set_ylabel(f"memory ratio: {baseline} / impl peak [×]")
         if handles:
-            ax_m.legend(
-                handles=handles,
-                loc="upper left",
-                bbox_to_anchor=(1.02, 1.0),
-                fontsize=8,
-                frameon=False,
-                title="impl (ratio at its last common length)",
-                title_fontsize=8.5,
-                alignment="left",
-            )
+            _side_legend(ax_m, handles, "impl (ratio at its last common length)")
         else:
             for ax in (ax_s, ax_m):
                 ax.text(
