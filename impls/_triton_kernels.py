@@ -686,8 +686,9 @@ def block_d(head_dim: int) -> int:
 FWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3)]
 BWD_KV_CONFIGS = [(32, 64, 4, 3), (64, 64, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
 BWD_Q_CONFIGS = [(64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
-# (chosen so that every head_dim up to 128 has configs that ptxas compiles for sm90
-# without spilling registers; see cuobjdump -res-usage)
+# (for 16-bit inputs every head_dim up to 128 has configs that ptxas compiles for sm90
+# without spilling registers, see cuobjdump -res-usage; fp32 inputs, three TF32 products
+# per dot, spill at every size)
 
 #: on CUDA, sequences at least this long use the autotuned kernels; shorter ones use a
 #: fixed config per head_dim, so that small problems do not pay for tuning
@@ -697,45 +698,65 @@ AUTOTUNE_MIN_SEQ = 4096
 LAST_CONFIG: dict = {}
 
 
-def _fits(bm: int, bn: int, stages: int, bd: int, esize: int) -> bool:
-    # rough shared-memory (streamed tiles) and register (resident tiles) budget
-    smem = (bm * bd + 2 * bn * bd * max(stages - 1, 1)) * esize
-    return smem <= 160 * 1024 and bm * bd * esize <= 128 * 256 and bn * bd * esize <= 128 * 256
+#: shared memory one program may use on sm90 (H100, H200): 227 KiB
+SMEM_LIMIT = 227 * 1024
+
+#: per window kernel: which of BLOCK_M / BLOCK_N is the block a program owns (the
+#: other is the block its loop streams), and how many tiles of the owned rows stay
+#: resident (q in the forward; q and dO in dQ; k and v in dK/dV)
+_KINDS = {"fwd": ("BLOCK_M", 1), "q": ("BLOCK_M", 2), "kv": ("BLOCK_N", 2)}
 
 
-def _prune(configs: list, named_args: dict, **kwargs) -> list:
+def smem_bytes(kind: str, bm: int, bn: int, stages: int, bd: int, esize: int) -> int:
+    """Estimated shared memory (bytes) of a window kernel ("fwd", "q" or "kv") with
+    blocks (bm, bn), ``stages`` pipeline stages, padded head dim ``bd`` and
+    ``esize``-byte inputs:
+
+        (resident * own + 2 * stages * walk) * bd * esize + 8 * stages * walk + 1 KiB
+
+    own / walk: rows of the owned / streamed block; the streamed block's two tiles
+    (k, v or q, dO) get one buffer per stage, plus its fp32 row vectors (lse, delta);
+    fp32 inputs hold the resident tiles twice (tf32x3 splits them into a high and a
+    low part). Fitted to what Triton's sm90 compiler allocates; tests/test_triton.py
+    compiles sample configs and checks that the estimate is not below it."""
+    owner, resident = _KINDS[kind]
+    own, walk = (bm, bn) if owner == "BLOCK_M" else (bn, bm)
+    if esize == 4:
+        resident *= 2
+    return (resident * own + 2 * stages * walk) * bd * esize + 8 * stages * walk + 1024
+
+
+def _fits(kind: str, bm: int, bn: int, stages: int, bd: int, esize: int) -> bool:
+    # shared memory, and a register budget: a tile of 32 KiB is already 64 registers
+    # per thread at 4 warps, and a program holds several
+    return smem_bytes(kind, bm, bn, stages, bd, esize) <= SMEM_LIMIT and max(bm, bn) * bd * esize <= 32 * 1024
+
+
+def _prune(configs: list, named_args: dict, *, kind: str, **kwargs) -> list:
+    """The configs that fit; if none does (large head dims in fp32), the untuned
+    config of :func:`_fixed`, which the tests compile for sm90 at every head dim."""
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
     esize = named_args["Q"].element_size()
-    keep = [c for c in configs if _fits(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages or 1, bd, esize)]
+    keep = [c for c in configs if _fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages or 1, bd, esize)]
     if keep:
         return keep
-    return [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
+    bm, bn, w, s = _fixed(bd, esize, kind)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
 
 
-def _tuner(kernel, rows: list[tuple[int, int, int, int]]):
-    configs = [
-        triton.Config(
-            {
-                "BLOCK_M": m,
-                "BLOCK_N": b,
-            },
-            num_warps=w,
-            num_stages=s,
-        )
-        for m, b, w, s in rows
-    ]
+def _tuner(kernel, rows: list[tuple[int, int, int, int]], kind: str):
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": b}, num_warps=w, num_stages=s) for m, b, w, s in rows]
     # keyed on head_dim (BLOCK_D) and window (lo, hi); the autotuner adds the dtypes
-    return triton.autotune(configs, key=["BLOCK_D", "lo", "hi"], prune_configs_by={"early_config_prune": _prune})(
-        kernel
-    )
+    prune = functools.partial(_prune, kind=kind)
+    return triton.autotune(configs, key=["BLOCK_D", "lo", "hi"], prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 if INTERPRETED:
     _fwd_window_tuned = _bwd_kv_window_tuned = _bwd_q_window_tuned = None
 else:
-    _fwd_window_tuned = _tuner(_fwd_window_kernel, FWD_CONFIGS)
-    _bwd_kv_window_tuned = _tuner(_bwd_kv_window_kernel, BWD_KV_CONFIGS)
-    _bwd_q_window_tuned = _tuner(_bwd_q_window_kernel, BWD_Q_CONFIGS)
+    _fwd_window_tuned = _tuner(_fwd_window_kernel, FWD_CONFIGS, "fwd")
+    _bwd_kv_window_tuned = _tuner(_bwd_kv_window_kernel, BWD_KV_CONFIGS, "kv")
+    _bwd_q_window_tuned = _tuner(_bwd_q_window_kernel, BWD_Q_CONFIGS, "q")
 
 
 def _fixed(bd: int, esize: int, kind: str) -> tuple[int, int, int, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 
@@ -186,35 +187,116 @@ def test_cuda_launch_code_binds(monkeypatch, n):
         assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"]) == (64, 32, 3)
 
 
-def test_kernels_compile_for_sm90():
-    """Every kernel through Triton's whole CUDA pipeline (to a cubin, with ptxas), no
-    GPU needed. Catches what the interpreter lets through (typing, constexpr use)."""
+_SM90_TYPES = {k: "i32" for k in ("n", "H", "HG", "d", "lo", "hi", "G", "causal")}
+_SM90_TYPES.update({"scale": "fp32", "scale_log2": "fp32", "LSE": "*fp32", "DELTA": "*fp32", "DK": "*fp32",
+                    "DV": "*fp32", "HEADS": "*i32", "ROW_GLOBAL": "*i8", "GLOB": "*i32", "DIL": "*i32"})  # fmt: skip
+_ALL_KERNELS = ("_fwd_window_kernel", "_fwd_global_rows_kernel", "_bwd_delta_kernel", "_bwd_kv_window_kernel",
+                "_bwd_kv_global_keys_kernel", "_bwd_q_window_kernel", "_bwd_q_global_rows_kernel")  # fmt: skip
+_WINDOW_KERNELS = {"fwd": "_fwd_window_kernel", "kv": "_bwd_kv_window_kernel", "q": "_bwd_q_window_kernel"}
+
+
+def _compile_sm90(name: str, dtype: str, head_dim: int, bm: int = 64, bn: int = 32, warps: int = 4, stages: int = 2):
+    """One kernel through Triton's whole CUDA pipeline for sm90 (to a cubin, with
+    ptxas), no GPU needed. Pointers are marked 16-byte aligned, as Triton's launcher
+    marks torch's allocations, so the code is what a launch on an H100 would build
+    (without that mark the tile loads compile to scalar ones)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kern = tf.kernels(False)
-    target = GPUTarget("cuda", 90, 32)
-    types = {k: "i32" for k in ("n", "H", "HG", "d", "lo", "hi", "G", "causal")}
-    types.update({"scale": "fp32", "scale_log2": "fp32", "LSE": "*fp32", "DELTA": "*fp32", "DK": "*fp32",
-                  "DV": "*fp32", "HEADS": "*i32", "ROW_GLOBAL": "*i8", "GLOB": "*i32", "DIL": "*i32"})  # fmt: skip
-    types.update({p: "*bf16" for p in ("Q", "K", "V", "O", "DO", "DQ")})
-    consts = dict(HEAD_DIM=40, BLOCK_D=64, BLOCK_M=64, BLOCK_N=32, BLOCK_G=16, DOT_PREC="tf32", UPCAST=False,
-                  STATIC_LOOPS=False, S_K1=0, S_K2=0, S_KN=0, S_GN=0, S_QN=0)  # fmt: skip
     try:
         import triton.backends.nvidia  # noqa: F401
     except Exception as e:  # pragma: no cover
         pytest.skip(f"no CUDA backend in this triton: {e}")
-    for name in ("_fwd_window_kernel", "_fwd_global_rows_kernel", "_bwd_delta_kernel", "_bwd_kv_window_kernel",
-                 "_bwd_kv_global_keys_kernel", "_bwd_q_window_kernel", "_bwd_q_global_rows_kernel"):  # fmt: skip
-        fn = getattr(kern, name)
-        sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
-        cx = {(fn.arg_names.index(a),): consts[a] for a in fn.arg_names if a in consts}
-        try:
-            compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx), target=target,
-                                      options={"num_warps": 4, "num_stages": 2})  # fmt: skip
-        except OSError as e:  # pragma: no cover - the toolchain, not the kernels
-            pytest.skip(f"CUDA toolchain of this triton cannot run here: {e}")
+    kern = tf.kernels(False)
+    fn = getattr(kern, name)
+    types = dict(_SM90_TYPES, **{p: "*" + dtype for p in ("Q", "K", "V", "O", "DO", "DQ")})
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=kern.block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=16,
+                  DOT_PREC="tf32x3" if dtype == "fp32" else "tf32", UPCAST=False,
+                  STATIC_LOOPS=False, S_K1=0, S_K2=0, S_KN=0, S_GN=0, S_QN=0)  # fmt: skip
+    sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
+    cx = {(fn.arg_names.index(a),): consts[a] for a in fn.arg_names if a in consts}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=aligned)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    except OSError as e:  # pragma: no cover - the toolchain, not the kernels
+        pytest.skip(f"CUDA toolchain of this triton cannot run here: {e}")
+
+
+def test_kernels_compile_for_sm90():
+    """Every kernel compiles (catches what the interpreter lets through: typing,
+    constexpr use), and the window kernels move their q, k, v tiles in 16-byte copies
+    (a 2-byte load per element would cost several times the memory traffic and would
+    show in no CPU test). head_dim 40 is padded to 64, so the masks along it count."""
+    for name in _ALL_KERNELS:
+        compiled = _compile_sm90(name, "bf16", 40)
         assert compiled.asm.get("cubin"), name
+        if name in _WINDOW_KERNELS.values():
+            ptx = compiled.asm["ptx"]
+            narrow = re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b|cp\.async\.\w+\.shared\.global[^;]*, 0x2,", ptx)
+            assert not narrow, f"{name}: 2-byte global loads in the bf16 kernel: {narrow[:3]}"
+            assert re.search(r"cp\.async\.cg\.shared\.global[^;]*, 0x10,", ptx), f"{name}: no 16-byte tile copies"
+
+
+@pytest.mark.parametrize("head_dim", [16, 64, 256])
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_untuned_configs_fit_sm90(dtype, head_dim):
+    """Short sequences, and autotuning when no tuned config fits, use _fixed(): those
+    must compile and fit an H100's shared memory at every head_dim, or the call fails."""
+    kern = tf.kernels(False)
+    esize = 2 if dtype == "bf16" else 4
+    for kind, name in _WINDOW_KERNELS.items():
+        bm, bn, warps, stages = kern._fixed(kern.block_d(head_dim), esize, kind)
+        compiled = _compile_sm90(name, dtype, head_dim, bm, bn, warps, stages)
+        used = compiled.metadata.shared
+        assert used <= kern.SMEM_LIMIT, f"{name} {dtype} head_dim {head_dim} {(bm, bn, warps, stages)}: {used} B shared"
+
+
+# configs on both sides of the sm90 limit: (kind, dtype, head_dim, BLOCK_M, BLOCK_N, warps, stages)
+_SMEM_SAMPLES = [
+    ("fwd", "bf16", 256, 64, 64, 4, 3),  # 224 KiB: fits, barely
+    ("fwd", "bf16", 256, 128, 64, 8, 3),  # 256 KiB: does not
+    ("q", "bf16", 256, 64, 64, 4, 2),
+    ("q", "bf16", 256, 128, 64, 8, 2),
+    ("kv", "bf16", 256, 32, 64, 4, 3),
+    ("fwd", "fp32", 64, 64, 64, 4, 2),  # fp32: resident tiles twice (tf32x3)
+    ("fwd", "bf16", 64, 128, 128, 8, 2),
+]
+
+
+@pytest.mark.parametrize("sample", _SMEM_SAMPLES, ids=lambda s: "-".join(map(str, s)))
+def test_smem_estimate_bounds_the_compiler(sample):
+    """The autotuner's pruning trusts smem_bytes(): it must not be below what the
+    compiler allocates, and must agree with it on which side of the limit a config is."""
+    kind, dtype, head_dim, bm, bn, warps, stages = sample
+    kern = tf.kernels(False)
+    est = kern.smem_bytes(kind, bm, bn, stages, kern.block_d(head_dim), 2 if dtype == "bf16" else 4)
+    real = _compile_sm90(_WINDOW_KERNELS[kind], dtype, head_dim, bm, bn, warps, stages).metadata.shared
+    assert est >= real, f"estimate {est} B < compiled {real} B"
+    assert (est <= kern.SMEM_LIMIT) == (real <= kern.SMEM_LIMIT), f"estimate {est} B, compiled {real} B"
+
+
+@pytest.mark.parametrize("esize", [2, 4])
+def test_prune_always_leaves_a_config_that_fits(esize):
+    """Every head_dim the implementation accepts keeps at least one tuned config, or
+    falls back to the untuned one; nothing that the estimate says overflows survives."""
+    kern = tf.kernels(False)
+    q = torch.empty(0, dtype=torch.bfloat16 if esize == 2 else torch.float32)
+    for kind, rows in (("fwd", kern.FWD_CONFIGS), ("kv", kern.BWD_KV_CONFIGS), ("q", kern.BWD_Q_CONFIGS)):
+        configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": b}, num_warps=w, num_stages=s) for m, b, w, s in rows]
+        for head_dim in (16, 24, 40, 64, 96, 128, 200, 256):
+            bd = kern.block_d(head_dim)
+            kept = kern._prune(configs, {"Q": q}, kind=kind, BLOCK_D=bd)
+            assert kept, (kind, head_dim)
+            for c in kept:
+                bm, bn, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages
+                assert kern.smem_bytes(kind, bm, bn, s, bd, esize) <= kern.SMEM_LIMIT, (kind, head_dim, c)
+    # fp32 at head_dim 256: no tuned forward config fits; the untuned one is used
+    fwd = [triton.Config({"BLOCK_M": m, "BLOCK_N": b}, num_warps=w, num_stages=s) for m, b, w, s in kern.FWD_CONFIGS]
+    kept = kern._prune(fwd, {"Q": torch.empty(0)}, kind="fwd", BLOCK_D=256)
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in kept] == [
+        kern._fixed(256, 4, "fwd")
+    ]
 
 
 def test_no_interpret_leak():
