@@ -5,8 +5,9 @@ Without a GPU the kernels still get checked: ``_banded.cu`` is compiled as host 
 block runs as 256 std::threads sharing the ``__shared__`` arrays and
 ``__syncthreads`` is a ``std::barrier``. That runs the kernels' own index arithmetic,
 guards and staging on the CPU, through the same Python code path (``banded_attention``)
-that CuPy drives on a GPU. Those tests skip when no C++20 compiler is found; the GPU
-tests skip with the implementation's probe reason.
+that CuPy drives on a GPU. Those tests skip when no C++20 compiler is found. Where nvcc
+is installed, the device build is compiled for sm90 too (no spills, shared memory in
+bounds). The GPU tests skip with the implementation's probe reason.
 """
 
 from __future__ import annotations
@@ -233,6 +234,38 @@ def test_emulated_attention_forward_backward(emu_launch, pattern, n, dtype):
     for label, r, b_, g_ in zip(("out", "dq", "dk", "dv"), ref, base, got):
         err, berr = (g_ - r).abs().max().item(), (b_ - r).abs().max().item()
         assert err <= 2 * berr + atol, f"{label}: error {err:.2e} vs dense {berr:.2e}"
+
+
+# ---------------------------------------------------------------- device code, no GPU needed
+
+
+def test_cuda_source_compiles_for_sm90(tmp_path):
+    """The device build of _banded.cu through nvcc and ptxas for sm90, every
+    instantiation the module launches: it compiles as CUDA C++14 (NVRTC's dialect
+    here), spills no registers, and its static shared memory stays within the 48 KiB
+    a kernel may declare without opting in. The host emulation above checks what the
+    kernels compute; this checks what only the CUDA toolchain sees."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("no nvcc on PATH: the sm90 device build of _banded.cu is checked where the CUDA toolkit is")
+    names = cb.name_expressions()
+    src = tmp_path / "banded.cu"
+    # taking each instantiation's address makes nvcc compile it, as NVRTC's name expressions do
+    src.write_text(
+        cb.SOURCE.read_text() + "\nvoid* const instances[] = {" + ", ".join(f"(void*)&{n}" for n in names) + "};\n"
+    )
+    opts = [o.replace("--std=", "-std=") for o in cb.COMPILE_OPTIONS]
+    cmd = [nvcc, "-arch=sm_90", "-cubin", *opts, "-Xptxas", "-v", "-o", str(tmp_path / "b.cubin"), str(src)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, f"nvcc failed:\n{r.stderr[-4000:]}"
+    reports = r.stderr.split("Compiling entry function ")[1:]  # one per kernel, in ptxas' words
+    assert len(reports) == len(names), f"{len(reports)} kernels in ptxas' report, {len(names)} launched:\n{r.stderr}"
+    for rep in reports:
+        name = rep.split("'")[1]
+        spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", rep)]
+        smem = re.search(r"(\d+) bytes smem", rep)
+        assert spills and not any(spills), f"{name} spills registers:\n{rep}"
+        assert smem and int(smem.group(1)) <= 48 * 1024, f"{name}: static shared memory over 48 KiB:\n{rep}"
 
 
 # ---------------------------------------------------------------- registry, no GPU needed
