@@ -9,7 +9,9 @@ matplotlib where installed); no Hydra, no network. In one run it
 1. prints the GPU, driver and library versions;
 2. measures the ceilings results are quoted against: the bf16 matrix-multiply rate
    (8192^3) and the device-to-device copy bandwidth;
-3. runs the whole test suite on CUDA (Triton compiled, CuPy enabled);
+3. runs the whole test suite on CUDA (Triton compiled, CuPy enabled), as parallel
+   pytest shards: its time is kernel compilation (Triton per head_dim and dtype,
+   FlexAttention per shape), which one process would do on one core;
 4. runs a short scaling study of every available implementation over
    n = 1024 ... 32768 (forward; forward + backward at the largest n), Longformer-base
    shape (heads 12, head_dim 64, window 512), bf16 and fp32;
@@ -27,6 +29,8 @@ import dataclasses
 import json
 import os
 import platform
+import re
+import signal
 import subprocess
 import sys
 import time
@@ -115,22 +119,64 @@ def ceilings(log: Log) -> dict:
     return {"bf16_matmul_tflops": tflops, "copy_gbs": gbs}
 
 
-def run_tests(outdir: Path, log: Log, limit_s: float) -> dict:
-    env = dict(os.environ, ATTNBENCH_TEST_DEVICE="cuda", PYTHONPATH=str(ROOT))
+def default_shards() -> int:
+    """Parallel pytest processes for the test stage: its time goes into compiling
+    kernels (Triton, FlexAttention), one CPU core each; half the cores, at most 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+_COUNTS = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)\b")
+
+
+def run_tests(
+    outdir: Path, log: Log, limit_s: float, shards: int = 1, targets: tuple[str, ...] = ("tests",), device: str = "cuda"
+) -> dict:
+    """The test suite on ``device`` as ``shards`` parallel pytest processes (disjoint
+    parts, see ATTNBENCH_SHARD in tests/conftest.py), each with its own log and JUnit
+    file in OUTDIR; all are stopped at ``limit_s``. Returns the summed counts, the
+    failed test ids and one return code (0 only if every shard passed)."""
+    env = dict(os.environ, ATTNBENCH_TEST_DEVICE=device, PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests", "-rs", "--tb=short"]
-    cmd += ["--junitxml", str(outdir / "tests.xml")]
-    log("  $ ATTNBENCH_TEST_DEVICE=cuda " + " ".join(cmd[1:]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets, "-rfEs", "--tb=short"]
+    log(f"  $ ATTNBENCH_TEST_DEVICE={device} " + " ".join(cmd[1:]) + (f"  (x {shards} shards)" if shards > 1 else ""))
     t0 = time.time()
-    with open(outdir / "tests.log", "w") as f:
+    procs = []
+    for i in range(shards):
+        name = "tests" if shards == 1 else f"tests-{i}"
+        env_i = dict(env, ATTNBENCH_SHARD=f"{i}/{shards}") if shards > 1 else env
+        f = open(outdir / f"{name}.log", "w")
+        # own process group: a timeout also stops the compile workers a shard started
+        p = subprocess.Popen([*cmd, "--junitxml", str(outdir / f"{name}.xml")], cwd=ROOT, env=env_i, stdout=f,
+                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        procs.append((name, p, f))
+    rcs: list = []
+    for _, p, f in procs:
         try:
-            r = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=limit_s)
-            rc = r.returncode
+            rcs.append(p.wait(timeout=max(0.0, t0 + limit_s - time.time())))
         except subprocess.TimeoutExpired:
-            rc = "timeout"
-    tail = (outdir / "tests.log").read_text().strip().splitlines()[-1:] or [""]
-    log(f"  tests: exit {rc} after {time.time() - t0:.0f} s: {tail[0]}")
-    return {"rc": rc, "summary": tail[0]}
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            rcs.append("timeout")
+        f.close()
+    counts: dict[str, int] = {}
+    failed: list[str] = []
+    for name, _, _ in procs:
+        lines = (outdir / f"{name}.log").read_text(errors="replace").splitlines()
+        failed += [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
+        final = next((ln for ln in reversed(lines) if _COUNTS.search(ln) and " in " in ln), "")  # "3 passed in 2.1s"
+        for n, what in _COUNTS.findall(final):
+            what = "errors" if what.startswith("error") else what
+            counts[what] = counts.get(what, 0) + int(n)
+    rc = 0 if all(r == 0 for r in rcs) else next(r for r in rcs if r != 0)
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items()) or "no summary line"
+    log(
+        f"  tests: exit {rc} after {time.time() - t0:.0f} s: {summary}"
+        + (f"  (shard exits {rcs})" if shards > 1 else "")
+    )
+    for ln in failed:
+        log("    " + ln[:300])
+    return {"rc": rc, "counts": counts, "failed": failed, "summary": summary}
 
 
 def plan(quick: bool = False) -> list:
@@ -241,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="every other sequence length")
     ap.add_argument("--skip-tests", action="store_true", help="do not run the test suite")
     ap.add_argument("--tests-limit", type=float, default=200, help="seconds for the test suite (default 200)")
+    ap.add_argument(
+        "--test-shards",
+        type=int,
+        default=default_shards(),
+        help=f"parallel pytest processes for the tests (default here {default_shards()}: half the cores, at most 8)",
+    )
     ap.add_argument("--scaling-limit", type=float, default=200, help="seconds for the scaling study (default 200)")
     a = ap.parse_args(argv)
 
@@ -254,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in attnbench.describe():
             state = "available" if row["available"] else f"not available here: {row['reason']}"
             print(f"    {row['name']:14s} {row['devices']:9s} {state}")
-        limits = f"tests (<= {a.tests_limit:.0f} s), scaling (<= {a.scaling_limit:.0f} s)"
+        limits = f"tests ({a.test_shards} shards, <= {a.tests_limit:.0f} s), scaling (<= {a.scaling_limit:.0f} s)"
         print(f"  stages: environment, ceilings, {limits}")
         return 0
 
@@ -274,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     (outdir / "environment.json").write_text(json.dumps({**env, **ceil}, indent=2, default=str))
     if not a.skip_tests:
         log("== tests on CUDA")
-        run_tests(outdir, log, a.tests_limit)
+        run_tests(outdir, log, a.tests_limit, shards=a.test_shards)
     log("== scaling study")
     csv_path = scaling(outdir, log, a.scaling_limit, a.quick, ceil)
     figure(csv_path, outdir, log)

@@ -1,9 +1,14 @@
-"""gpu_check's Python parts, without a GPU: the plan and the dry run."""
+"""gpu_check's Python parts, without a GPU: the plan, the dry run, and the test stage
+(parallel shards, counts, failures, time limit) run on CPU against a toy suite."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import time
+
+import pytest
 
 import attnbench
 from attnbench import gpu_check
@@ -38,3 +43,95 @@ def test_no_gpu_is_a_clear_error(tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "no CUDA device" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------- the test stage in shards
+
+
+class _Item:
+    def __init__(self, nodeid: str, **params):
+        self.nodeid = nodeid
+        self.callspec = type("CallSpec", (), {"params": params})() if params else None
+
+
+def test_shards_partition_and_keep_shared_kernels_together():
+    from conftest import shard_items
+
+    class Case:
+        def __init__(self, D):
+            self.D = D
+
+    items = [_Item(f"t::plain{i}") for i in range(7)]
+    items += [
+        _Item(f"t::tri{i}", impl="triton", case=Case(16 if i % 2 else 64), dtype=dt) for i in range(8) for dt in "ab"
+    ]
+    items += [_Item(f"t::flex{i}", impl="flex", case=Case(16), dtype="a") for i in range(5)]
+    parts = [shard_items(items, i, 3) for i in range(3)]
+    ids = [it.nodeid for p in parts for it in p]
+    assert sorted(ids) == sorted(it.nodeid for it in items)  # every test once
+    for p in parts:
+        assert 6 <= len(p) <= 12, [len(p) for p in parts]  # balanced by count
+    where = {it.nodeid: i for i, p in enumerate(parts) for it in p}
+    for dt in "ab":  # one triton (head_dim, dtype) group, one shard
+        for D in (16, 64):
+            group = {where[it.nodeid] for it in items if it.callspec and it.callspec.params.get("impl") == "triton"
+                     and it.callspec.params["case"].D == D and it.callspec.params["dtype"] == dt}  # fmt: skip
+            assert len(group) == 1
+    assert len({where[f"t::flex{i}"] for i in range(5)}) > 1  # per-shape compiles spread out
+
+
+_TOY_TESTS = """
+import time, pytest
+@pytest.mark.parametrize("i", range(4))
+def test_ok(i):
+    assert i >= 0
+def test_broken():
+    assert 1 == 2, "deliberately failing: gpu_check must list it"
+@pytest.mark.skip(reason="toy skip")
+def test_skipped():
+    pass
+"""
+
+
+def _toy_suite(tmp_path, body: str):
+    """A small suite that loads the project's sharding hook (its conftest)."""
+    d = tmp_path / "toy"
+    d.mkdir()
+    hook = str(gpu_check.ROOT / "tests" / "conftest.py")
+    (d / "conftest.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('ab_conftest', {hook!r})\n"
+        "mod = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(mod)\n"
+        "pytest_collection_modifyitems = mod.pytest_collection_modifyitems\n"
+    )
+    (d / "test_toy.py").write_text(body)
+    return str(d / "test_toy.py")
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_run_tests_sums_shards_and_lists_failures(tmp_path, shards):
+    target = _toy_suite(tmp_path, _TOY_TESTS)
+    out = tmp_path / "out"
+    out.mkdir()
+    lines = []
+    res = gpu_check.run_tests(out, lines.append, 120, shards=shards, targets=(target,), device="cpu")
+    assert res["counts"] == {"passed": 4, "failed": 1, "skipped": 1}, res
+    assert res["rc"] == 1 and len(res["failed"]) == 1 and "test_broken" in res["failed"][0]
+    assert any("test_broken" in ln for ln in lines)  # the log names the failure
+    assert len(list(out.glob("tests*.log"))) == shards and len(list(out.glob("tests*.xml"))) == shards
+
+
+def test_run_tests_stops_at_its_limit(tmp_path):
+    target = _toy_suite(tmp_path, "import time\ndef test_slow():\n    time.sleep(60)\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    t0 = time.time()
+    res = gpu_check.run_tests(out, lambda *a: None, 8, shards=2, targets=(target,), device="cpu")
+    assert res["rc"] == "timeout" and time.time() - t0 < 30
+
+
+def test_bad_shard_spec_is_a_usage_error():
+    env = dict(os.environ, ATTNBENCH_SHARD="3/2")
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests/test_gpu_check.py"],
+                       cwd=gpu_check.ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 4 and "expected 'i/N' with 0 <= i < N" in r.stderr + r.stdout
