@@ -25,6 +25,9 @@ def test_plan_covers_every_available_impl_and_length():
     for c in configs:
         assert c.device == "cuda" and (c.heads, c.head_dim, c.window) == (12, 64, 512)
         c.pattern().validate(c.seq_len, c.heads)
+    # a run cut short by its budget loses the fp32 repeat, not bf16 (the targets' dtype)
+    order = [c.dtype for c in configs]
+    assert order == sorted(order, key=lambda d: d != "bf16")
 
 
 def test_dry_run_prints_the_plan():
@@ -33,6 +36,7 @@ def test_dry_run_prints_the_plan():
     )
     assert r.returncode == 0, r.stderr
     assert "scaling configurations" in r.stdout and "chunked" in r.stdout and "stages:" in r.stdout
+    assert "scaling (the rest of 450 s)" in r.stdout
 
 
 def test_no_gpu_is_a_clear_error(tmp_path):
