@@ -2,6 +2,7 @@
 
     python -m attnbench.gpu_check OUTDIR            # or: scripts/gpu_check.sh OUTDIR
     python -m attnbench.gpu_check OUTDIR --dry-run  # print the plan, touch no GPU
+    python -m attnbench.gpu_check OUTDIR --stages targets,tests,scaling --budget 580
 
 Needs only what a GPU machine usually has (torch; triton, cupy, pytest, pandas and
 matplotlib where installed); no Hydra, no network. In one run it
@@ -9,16 +10,22 @@ matplotlib where installed); no Hydra, no network. In one run it
 1. prints the GPU, driver and library versions;
 2. measures the ceilings results are quoted against: the bf16 matrix-multiply rate
    (8192^3) and the device-to-device copy bandwidth;
-3. runs the whole test suite on CUDA (Triton compiled, CuPy enabled), as parallel
-   pytest shards: its time is kernel compilation (Triton per head_dim and dtype,
-   FlexAttention per shape), which one process would do on one core;
-4. runs a short scaling study of every available implementation over
-   n = 1024 ... 32768 (forward; forward + backward at the largest n), Longformer-base
-   shape (heads 12, head_dim 64, window 512), bf16 and fp32;
-5. writes the results table, the figure and a log to OUTDIR as it goes (a run
-   stopped early keeps what it measured), and ends with a summary at the largest n.
+3. (stage "tests") runs the whole test suite on CUDA (Triton compiled, CuPy enabled),
+   as parallel pytest shards: its time is kernel compilation (Triton per head_dim
+   and dtype, FlexAttention per shape), which one process would do on one core;
+4. (stage "targets", on request) times "triton" against FlexAttention where the
+   Triton kernel's targets are set: B=1, H=16, n=32768, window 512, bf16, head_dim
+   64 and 128, dilation 1 and 2, forward and forward + backward;
+5. (stage "scaling") runs a short scaling study of every available implementation
+   over n = 1024 ... 32768 (forward; forward + backward at the largest n),
+   Longformer-base shape (heads 12, head_dim 64, window 512), bf16 then fp32;
+6. writes the results tables, the figure and a log to OUTDIR as it goes (a run
+   stopped early keeps what it measured), a summary at the largest n, and the verdict
+   on every performance target it has rows for (verdict.csv: measured, required,
+   pass / FAIL / missing).
 
-Each stage has a time limit so the whole run fits in about 8 minutes on an H100.
+Timing and memory go through the benchmark engine (attnbench.bench), as everywhere
+else. The run is held to --budget seconds (default 450, for "within 8 minutes").
 """
 
 from __future__ import annotations
@@ -217,17 +224,50 @@ def plan(quick: bool = False) -> list:
     return out
 
 
-def scaling(outdir: Path, log: Log, limit_s: float, quick: bool, ceil: dict) -> Path:
+def targets_plan() -> list:
+    """The configurations the Triton kernel's targets are quoted at: B=1, H=16,
+    n=32768, window 512, bf16, head_dim 64 and 128, dilation 1 and 2, forward and
+    forward + backward, for "triton" and for FlexAttention ("flex") on the same pattern."""
+    from attnbench.bench import BenchConfig
+
+    base = BenchConfig(
+        device="cuda",
+        batch=1,
+        heads=16,
+        seq_len=32768,
+        window=512,
+        dtype="bf16",
+        study="targets",
+        isolate=False,
+        time_budget_s=0.5,
+        min_reps=5,
+        max_reps=100,
+        warmup=2,
+        job_timeout_s=60,
+    )
+    out = []
+    for head_dim in (64, 128):
+        for dilation in (1, 2):
+            for mode in ("fwd", "fwd_bwd"):
+                for impl in ("triton", "flex"):
+                    out.append(dataclasses.replace(base, impl=impl, head_dim=head_dim, dilation=dilation, mode=mode))
+    return out
+
+
+def run_stage(name: str, configs: list, outdir: Path, log: Log, limit_s: float, ceil: dict) -> Path:
+    """Measure ``configs`` one by one with the benchmark engine into OUTDIR/<name>.csv
+    (each row written as it comes); those left when ``limit_s`` is spent become rows
+    marked skipped. Logs a line per job, then the rows at the largest n."""
     from attnbench.bench import _base_row, append_row, format_rows, sweep
 
-    csv_path = outdir / "scaling.csv"
-    configs = [dataclasses.replace(c, results_dir=str(outdir), study="scaling") for c in plan(quick)]
+    csv_path = outdir / f"{name}.csv"
+    configs = [dataclasses.replace(c, results_dir=str(outdir), study=name) for c in configs]
     deadline = time.time() + limit_s
     rows = []
     for i, c in enumerate(configs):
         if time.time() > deadline:
             row = _base_row(c.resolved())
-            row["status"], row["reason"] = "skipped", "over the time budget: gpu_check's scaling stage ran out of time"
+            row["status"], row["reason"] = "skipped", f"over the time budget: gpu_check's {name} stage ran out of time"
             append_row(csv_path, row)
             continue
         # one at a time so the stage deadline holds; the predictive guard needs the
@@ -236,15 +276,109 @@ def scaling(outdir: Path, log: Log, limit_s: float, quick: bool, ceil: dict) -> 
         rows.append(r)
         t = r.get("time_ms_median")
         log(
-            f"  [{i + 1}/{len(configs)}] {c.impl:14s} {c.dtype} {r['pattern']:8s} n={c.seq_len:6d} {c.mode:7s} "
-            f"{r['status']:7s} {f'{t:.3f} ms' if t else '':>12s} {r['reason'] or ''}"[:220]
+            f"  [{i + 1}/{len(configs)}] {c.impl:14s} {c.dtype} {r['pattern']:8s} D={c.head_dim:<3d} n={c.seq_len:6d} "
+            f"{c.mode:7s} {r['status']:7s} {f'{t:.3f} ms' if t else '':>12s} {r['reason'] or ''}"[:240]
         )
     peak = ceil.get("bf16_matmul_tflops")
     if peak:
         log(f"  (fractions below are of the measured bf16 matmul rate, {peak:.0f} TFLOP/s)")
     big = [r for r in rows if r["seq_len"] == max(c.seq_len for c in configs)]
-    log(format_rows(big))
+    if big:
+        log(format_rows(big))
     return csv_path
+
+
+def scaling(outdir: Path, log: Log, limit_s: float, quick: bool, ceil: dict) -> Path:
+    return run_stage("scaling", plan(quick), outdir, log, limit_s, ceil)
+
+
+# ---------------------------------------------------------------- verdict
+def _read(path: Path) -> list[dict]:
+    import csv
+
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _num(row: dict | None, col: str) -> float | None:
+    try:
+        return float(row[col]) if row and row.get("status") == "ok" else None
+    except (TypeError, ValueError):
+        return None
+
+
+def verdict(outdir: Path, log: Log, ceil: dict) -> list[dict]:
+    """Each performance target of the Triton and CuPy kernels, from the rows in OUTDIR
+    (targets.csv, scaling.csv; the latest row of each configuration): measured,
+    required, and pass, FAIL or missing (no ok row). Written to OUTDIR/verdict.csv."""
+    import csv
+
+    def pick(rows, **want):
+        for r in reversed(rows):  # the latest, if OUTDIR holds earlier runs too
+            if r.get("status") == "ok" and all(str(r.get(k)) == str(v) for k, v in want.items()):
+                return r
+        return None
+
+    out: list[dict] = []
+
+    def add(issue, target, measured, op, required, note=""):
+        if measured is None:
+            status = "missing"
+        else:
+            status = "pass" if (measured >= required if op == ">=" else measured <= required) else "FAIL"
+        out.append({"issue": issue, "target": target, "measured": "" if measured is None else f"{measured:.3g}",
+                    "required": f"{op} {required:g}", "status": status, "note": note})  # fmt: skip
+
+    def speedup(slow, fast):
+        a, b = _num(slow, "time_ms_median"), _num(fast, "time_ms_median")
+        return a / b if a and b else None
+
+    tg = _read(outdir / "targets.csv")
+    mm = ceil.get("bf16_matmul_tflops")
+    for D in (64, 128):
+        for dil, need_fwd in ((1, 1.2), (2, 1.5)):
+            for mode, need in (("fwd", need_fwd), ("fwd_bwd", 1.0)):
+                t = pick(tg, impl="triton", head_dim=D, dilation=dil, mode=mode)
+                f = pick(tg, impl="flex", head_dim=D, dilation=dil, mode=mode)
+                tf = _num(t, "tflops")
+                note = f"triton {tf:.0f} TFLOP/s" + (f" ({tf / mm:.0%} of bf16 matmul)" if mm else "") if tf else ""
+                add("triton", f"speed-up over flex, bf16 D={D} dilation {dil} {mode}", speedup(f, t), ">=", need, note)
+            t = pick(tg, impl="triton", head_dim=D, dilation=dil, mode="fwd")
+            mem = _num(t, "peak_mem_bytes")
+            if t is not None and mem is not None:
+                B, H, n = int(t["batch"]), int(t["heads"]), int(t["seq_len"])
+                allowed = B * H * n * D * 2 + 8 * B * H * n  # bf16 output + fp32 log-sum-exp (+ slack of as much)
+                add(
+                    "triton", f"extra peak memory / (output + O(n)), D={D} dilation {dil} fwd", mem / allowed, "<=", 1.0
+                )
+            else:
+                add("triton", f"extra peak memory / (output + O(n)), D={D} dilation {dil} fwd", None, "<=", 1.0)
+
+    sc = _read(outdir / "scaling.csv")
+    n_max = max((int(r["seq_len"]) for r in sc if r.get("status") == "ok"), default=None)
+    for dtype in ("fp32", "bf16"):
+        for mode in ("fwd", "fwd_bwd"):
+            cu = pick(sc, impl="cupy", dtype=dtype, mode=mode, seq_len=n_max)
+            ch = pick(sc, impl="chunked", dtype=dtype, mode=mode, seq_len=n_max)
+            add("cupy", f"speed-up over chunked, {dtype} n={n_max} {mode}", speedup(ch, cu), ">=", 2.0)
+            a, b = _num(cu, "peak_mem_bytes"), _num(ch, "peak_mem_bytes")
+            add("cupy", f"peak memory / chunked's, {dtype} n={n_max} {mode}", a / b if a and b else None, "<=", 0.999)
+        tr = pick(sc, impl="triton", dtype=dtype, mode="fwd", seq_len=n_max)
+        cu = pick(sc, impl="cupy", dtype=dtype, mode="fwd", seq_len=n_max)
+        add("cupy", f"time / triton's, {dtype} n={n_max} fwd", speedup(cu, tr), "<=", 4.0)
+
+    with open(outdir / "verdict.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(out[0]))
+        w.writeheader()
+        w.writerows(out)
+    log(f"\nTargets, from the rows in {outdir}/ (missing: no ok row for it):")
+    for r in out:
+        log(
+            f"  {r['status']:7s} {r['issue']:6s} {r['target']:58s} {r['measured']:>7s} {r['required']:>7s}  {r['note']}"
+        )
+    return out
 
 
 _HISTORY: dict = {}
@@ -282,15 +416,36 @@ def figure(csv_path: Path, outdir: Path, log: Log) -> None:
         log(f"  figure failed: {type(e).__name__}: {e}")
 
 
+STAGES = ("tests", "targets", "scaling")
+
+
+def _stages(text: str) -> list[str]:
+    got = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in got if x not in STAGES]
+    if bad or not got:
+        raise argparse.ArgumentTypeError(f"{text!r}: stages are a comma-separated list of {', '.join(STAGES)}")
+    return [x for x in STAGES if x in got]  # always in this order
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m attnbench.gpu_check",
-        description="Verify and measure every attnbench implementation on this CUDA GPU in one run.",
+        description="Verify and measure every attnbench implementation on this CUDA GPU in one run. "
+        "The environment and the ceilings (bf16 matmul rate, copy bandwidth) are always measured; "
+        "then the chosen stages run: tests (the suite on CUDA), targets (triton against FlexAttention "
+        "at the configurations its performance targets name), scaling (every implementation over n). "
+        "Every stage ends with the verdict on the performance targets it has rows for.",
     )
     ap.add_argument("outdir", nargs="?", default="gpu-check", help="where the log, tables and figure go")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
     ap.add_argument("--quick", action="store_true", help="every other sequence length")
-    ap.add_argument("--skip-tests", action="store_true", help="do not run the test suite")
+    ap.add_argument(
+        "--stages",
+        type=_stages,
+        default=["tests", "scaling"],
+        help=f"comma-separated, from {', '.join(STAGES)} (default tests,scaling)",
+    )
+    ap.add_argument("--skip-tests", action="store_true", help="leave out the tests stage")
     ap.add_argument("--tests-limit", type=float, default=200, help="seconds for the test suite (default 200)")
     ap.add_argument(
         "--test-shards",
@@ -298,6 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         default=default_shards(),
         help=f"parallel pytest processes for the tests (default here {default_shards()}: half the cores, at most 8)",
     )
+    ap.add_argument("--targets-limit", type=float, default=180, help="seconds for the targets stage (default 180)")
     ap.add_argument(
         "--scaling-limit",
         type=float,
@@ -312,12 +468,13 @@ def main(argv: list[str] | None = None) -> int:
         "before it left, less a reserve for the figure and summary",
     )
     a = ap.parse_args(argv)
+    stages = [x for x in a.stages if not (a.skip_tests and x == "tests")]
 
     if a.dry_run:
         import attnbench
 
         configs = plan(a.quick)
-        print(f"gpu_check plan: {len(configs)} scaling configurations")
+        print(f"gpu_check plan: {len(configs)} scaling configurations, {len(targets_plan())} target configurations")
         print(f"  lengths {sorted({c.seq_len for c in configs})}, dtypes {DTYPES}, patterns {list(PATTERNS)}")
         print("  implementations (only available ones are measured):")
         for row in attnbench.describe():
@@ -325,8 +482,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"    {row['name']:14s} {row['devices']:9s} {state}")
         shards = f"{a.test_shards} shard{'s' if a.test_shards != 1 else ''}"
         scal = f"<= {a.scaling_limit:.0f} s" if a.scaling_limit is not None else f"the rest of {a.budget:.0f} s"
-        limits = f"tests ({shards}, <= {a.tests_limit:.0f} s), scaling ({scal})"
-        print(f"  stages: environment, ceilings, {limits}")
+        limits = {
+            "tests": f"tests ({shards}, <= {a.tests_limit:.0f} s)",
+            "targets": f"targets (<= {a.targets_limit:.0f} s)",
+            "scaling": f"scaling ({scal})",
+        }
+        print(f"  stages: environment, ceilings, {', '.join(limits[x] for x in stages)}, verdict")
         return 0
 
     import torch
@@ -338,20 +499,29 @@ def main(argv: list[str] | None = None) -> int:
     outdir.mkdir(parents=True, exist_ok=True)
     log = Log(outdir / "gpu_check.log")
     t0 = time.time()
+
+    def left() -> float:
+        return a.budget - (time.time() - t0) - RESERVE_S
+
     log("== environment")
     env = environment(log)
     log("== ceilings")
     ceil = ceilings(log)
     (outdir / "environment.json").write_text(json.dumps({**env, **ceil}, indent=2, default=str))
-    if not a.skip_tests:
+    if "tests" in stages:
         log("== tests on CUDA")
-        run_tests(outdir, log, a.tests_limit, shards=a.test_shards)
-    left = a.budget - (time.time() - t0) - RESERVE_S
-    limit = left if a.scaling_limit is None else min(a.scaling_limit, left)
-    log(f"== scaling study (<= {limit:.0f} s)")
-    csv_path = scaling(outdir, log, limit, a.quick, ceil)
-    figure(csv_path, outdir, log)
-    summary(csv_path, outdir, log, ceil)
+        run_tests(outdir, log, min(a.tests_limit, left()), shards=a.test_shards)
+    if "targets" in stages:
+        limit = min(a.targets_limit, left())
+        log(f"== targets: triton against FlexAttention (<= {limit:.0f} s)")
+        run_stage("targets", targets_plan(), outdir, log, limit, ceil)
+    if "scaling" in stages:
+        limit = left() if a.scaling_limit is None else min(a.scaling_limit, left())
+        log(f"== scaling study (<= {limit:.0f} s)")
+        csv_path = scaling(outdir, log, limit, a.quick, ceil)
+        figure(csv_path, outdir, log)
+        summary(csv_path, outdir, log, ceil)
+    verdict(outdir, log, ceil)
     log(f"== done in {time.time() - t0:.0f} s; results in {outdir}/")
     return 0
 

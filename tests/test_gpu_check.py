@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -139,3 +140,60 @@ def test_bad_shard_spec_is_a_usage_error():
     r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests/test_gpu_check.py"],
                        cwd=gpu_check.ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r.returncode == 4 and "expected 'i/N' with 0 <= i < N" in r.stderr + r.stdout
+
+
+# ---------------------------------------------------------------- the verdict
+
+
+def test_targets_plan_is_the_issue_configuration():
+    configs = gpu_check.targets_plan()
+    assert {c.impl for c in configs} == {"triton", "flex"}
+    assert {(c.head_dim, c.dilation, c.mode) for c in configs} == {
+        (D, d, m) for D in (64, 128) for d in (1, 2) for m in ("fwd", "fwd_bwd")
+    }
+    for c in configs:
+        assert (c.batch, c.heads, c.seq_len, c.window, c.dtype, c.device) == (1, 16, 32768, 512, "bf16", "cuda")
+
+
+def _row(config, ms, peak):
+    from attnbench.bench import _base_row
+
+    row = _base_row(config.resolved())
+    row.update(status="ok", time_ms_median=ms, peak_mem_bytes=peak, tflops=100.0)
+    return row
+
+
+def test_verdict_reads_the_rows_and_judges_each_target(tmp_path):
+    from attnbench.bench import append_row
+
+    out = tmp_path
+    for c in gpu_check.targets_plan():
+        c = dataclasses.replace(c, study="targets")
+        # triton: 1.3x faster than flex at dilation 1, 1.4x at dilation 2 (under the 1.5 asked)
+        fast = {1: 1.3, 2: 1.4}[c.dilation]
+        ms = 1.0 if c.impl == "triton" else fast
+        peak = 16 * 32768 * c.head_dim * 2 if c.impl == "triton" else 10**9  # exactly the output
+        append_row(out / "targets.csv", _row(c, ms, peak))
+    n = 32768
+    base = gpu_check.plan()[0]  # the scaling study's shape; cupy rows too, though it cannot run here
+    for impl, ms, peak in (("cupy", 1.0, 100), ("chunked", 2.5, 200), ("triton", 0.2, 50)):  # cupy 5x triton
+        for dtype in ("fp32", "bf16"):
+            for mode in ("fwd", "fwd_bwd"):
+                c = dataclasses.replace(base, impl=impl, dtype=dtype, mode=mode, seq_len=n, study="scaling")
+                append_row(out / "scaling.csv", _row(c, ms, peak))
+    lines = []
+    res = {r["target"]: r for r in gpu_check.verdict(out, lines.append, {"bf16_matmul_tflops": 800.0})}
+    assert res["speed-up over flex, bf16 D=64 dilation 1 fwd"]["status"] == "pass"
+    assert res["speed-up over flex, bf16 D=128 dilation 2 fwd"]["status"] == "FAIL"  # 1.4 < 1.5
+    assert res["speed-up over flex, bf16 D=128 dilation 2 fwd_bwd"]["status"] == "pass"  # 1.4 >= 1.0
+    assert res["extra peak memory / (output + O(n)), D=64 dilation 1 fwd"]["status"] == "pass"
+    assert "12% of bf16 matmul" in res["speed-up over flex, bf16 D=64 dilation 1 fwd"]["note"]
+    assert res[f"speed-up over chunked, fp32 n={n} fwd"]["status"] == "pass"  # 2.5 >= 2
+    assert res[f"peak memory / chunked's, bf16 n={n} fwd_bwd"]["status"] == "pass"  # 100 < 200
+    assert res[f"time / triton's, bf16 n={n} fwd"]["status"] == "FAIL"  # 5 > 4
+    assert (out / "verdict.csv").exists() and any("Targets" in ln for ln in lines)
+
+
+def test_verdict_says_missing_without_rows(tmp_path):
+    res = gpu_check.verdict(tmp_path, lambda *a: None, {})
+    assert res and all(r["status"] == "missing" for r in res)

@@ -305,3 +305,24 @@ def test_no_interpret_leak():
     tf.kernels(True)
     tf.kernels(False)
     assert os.environ.get("TRITON_INTERPRET") == before
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_autotuned_kernels_match_reference(dtype):
+    """n >= AUTOTUNE_MIN_SEQ takes the autotuned kernels, which the correctness cases
+    (n <= 1000) never reach: one such case forward and backward, with dilation 2 and
+    global tokens (every kernel launches), head_dim 128 in bf16 (64 in fp32)."""
+    if DEVICE != "cuda":
+        pytest.skip("the autotuned kernels run only on CUDA; in the interpreter n = 4096 would take minutes")
+    n, D = tf.AUTOTUNE_MIN_SEQ, 128 if dtype == torch.bfloat16 else 64
+    p = Pattern(512, 2, False, (0, n // 2 - 1, n - 1))
+    q, k, v = rand_qkv(1, 2, n, D, dtype, requires_grad=True)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    out = attnbench.attention(q, k, v, p, impl="triton")
+    assert tf.last_config()["autotuned"]
+    grads = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
+    ref, ref_grads = _ref_grads(q, k, v, p, dout)
+    base = _naive_err(q, k, v, p, dout)
+    for name, got, want, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), base):
+        compare(got, want, b, dtype, f"triton autotuned n={n} {name}")
