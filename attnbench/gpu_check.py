@@ -266,13 +266,20 @@ def run_stage(name: str, configs: list, outdir: Path, log: Log, limit_s: float, 
     rows = []
     for i, c in enumerate(configs):
         if time.time() > deadline:
-            row = _base_row(c.resolved())
+            try:
+                row = _base_row(c.resolved())
+            except ValueError:
+                continue
             row["status"], row["reason"] = "skipped", f"over the time budget: gpu_check's {name} stage ran out of time"
             append_row(csv_path, row)
             continue
         # one at a time so the stage deadline holds; the predictive guard needs the
         # series history, so keep it across calls
-        r = sweep([c], progress=False, history=_HISTORY)[0]
+        try:
+            r = sweep([c], progress=False, history=_HISTORY)[0]
+        except Exception as e:  # an invalid configuration: say so, go on with the rest
+            log(f"  [{i + 1}/{len(configs)}] {c.impl} n={c.seq_len}: not run: {type(e).__name__}: {e}"[:240])
+            continue
         rows.append(r)
         t = r.get("time_ms_median")
         log(

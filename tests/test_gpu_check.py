@@ -197,3 +197,24 @@ def test_verdict_reads_the_rows_and_judges_each_target(tmp_path):
 def test_verdict_says_missing_without_rows(tmp_path):
     res = gpu_check.verdict(tmp_path, lambda *a: None, {})
     assert res and all(r["status"] == "missing" for r in res)
+
+
+def test_stage_summary_figure_and_verdict_run_end_to_end_on_cpu(tmp_path):
+    """The GPU-only parts aside, the stages chain: engine rows into OUTDIR, then the
+    summary, figure and verdict read them (here on the CPU, small sizes)."""
+    base = dataclasses.replace(gpu_check.plan()[0], device="cpu", dtype="fp32", heads=2, window=16, time_budget_s=0.05)
+    configs = [dataclasses.replace(base, impl=i, seq_len=n) for i in ("naive", "chunked") for n in (64, 128)]
+    configs.append(dataclasses.replace(base, impl="chunked", seq_len=-1))  # invalid: must not stop the stage
+    lines: list[str] = []
+    path = gpu_check.run_stage("scaling", configs, tmp_path, lines.append, 120, {})
+    assert any("not run: ValueError: seq_len=-1" in ln for ln in lines)
+    rows = gpu_check._read(path)
+    assert [r["status"] for r in rows] == ["ok"] * 4, rows
+    gpu_check.summary(path, tmp_path, lines.append, {"bf16_matmul_tflops": 1.0})
+    gpu_check.figure(path, tmp_path, lines.append)
+    assert (tmp_path / "summary.txt").exists() and list(tmp_path.glob("scaling*.png"))
+    res = gpu_check.verdict(tmp_path, lines.append, {})
+    assert all(r["status"] == "missing" for r in res)  # no cupy, no triton rows at these sizes
+    # a stage out of time marks the rest skipped, with the reason, and runs nothing
+    late = gpu_check.run_stage("late", configs[:2], tmp_path, lines.append, -1, {})
+    assert [(r["status"], "ran out of time" in r["reason"]) for r in gpu_check._read(late)] == [("skipped", True)] * 2
