@@ -137,6 +137,7 @@ def default_shards() -> int:
 
 
 _COUNTS = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)\b")
+_PROGRESS = re.compile(r"^([.FEsxX]+)\s*(?:\[\s*\d+%\])?$")
 
 
 def run_tests(
@@ -176,11 +177,19 @@ def run_tests(
         lines = (outdir / f"{name}.log").read_text(errors="replace").splitlines()
         failed += [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
         final = next((ln for ln in reversed(lines) if _COUNTS.search(ln) and " in " in ln), "")  # "3 passed in 2.1s"
-        for n, what in _COUNTS.findall(final):
-            what = "errors" if what.startswith("error") else what
-            counts[what] = counts.get(what, 0) + int(n)
+        if final:
+            for n, what in _COUNTS.findall(final):
+                what = "errors" if what.startswith("error") else what
+                counts[what] = counts.get(what, 0) + int(n)
+        else:  # stopped before its summary: count its progress marks ("..s.F  [ 40%]")
+            marks = "".join(m.group(1) for ln in lines if (m := _PROGRESS.match(ln)))
+            for ch, what in ((".", "passed"), ("F", "failed"), ("E", "errors"), ("s", "skipped")):
+                if marks.count(ch):
+                    counts[what] = counts.get(what, 0) + marks.count(ch)
     rc = 0 if all(r == 0 for r in rcs) else next(r for r in rcs if r != 0)
     summary = ", ".join(f"{v} {k}" for k, v in counts.items()) or "no summary line"
+    if "timeout" in rcs:
+        summary += " (so far: a shard was stopped at the time limit)"
     log(
         f"  tests: exit {rc} after {time.time() - t0:.0f} s: {summary}"
         + (f"  (shard exits {rcs})" if shards > 1 else "")

@@ -127,12 +127,14 @@ def test_run_tests_sums_shards_and_lists_failures(tmp_path, shards):
 
 
 def test_run_tests_stops_at_its_limit(tmp_path):
-    target = _toy_suite(tmp_path, "import time\ndef test_slow():\n    time.sleep(60)\n")
+    body = "import time\ndef test_quick():\n    pass\ndef test_slow():\n    time.sleep(60)\n"
+    target = _toy_suite(tmp_path, body)
     out = tmp_path / "out"
     out.mkdir()
     t0 = time.time()
-    res = gpu_check.run_tests(out, lambda *a: None, 8, shards=2, targets=(target,), device="cpu")
+    res = gpu_check.run_tests(out, lambda *a: None, 8, shards=1, targets=(target,), device="cpu")
     assert res["rc"] == "timeout" and time.time() - t0 < 30
+    assert res["counts"] == {"passed": 1} and "stopped at the time limit" in res["summary"]  # what ran is counted
 
 
 def test_bad_shard_spec_is_a_usage_error():
