@@ -114,6 +114,53 @@ def last_config() -> dict:
     return cfg
 
 
+#: scalar and pointer types of the kernels' runtime arguments, for compile_ahead
+_ARG_TYPES = {
+    **{a: "i32" for a in ("n", "H", "HG", "d", "lo", "hi", "G", "causal")},
+    **{a: "fp32" for a in ("scale", "scale_log2")},
+    **{a: "*fp32" for a in ("LSE", "DELTA", "DK", "DV")},
+    **{a: "*i32" for a in ("HEADS", "GLOB", "DIL")},
+    "ROW_GLOBAL": "*i8",
+}
+
+
+def compile_ahead(
+    name: str,
+    dtype: str = "bf16",
+    head_dim: int = 64,
+    block_m: int = 64,
+    block_n: int = 32,
+    num_warps: int = 4,
+    num_stages: int = 2,
+    arch: int = 90,
+):
+    """Compile one kernel of ``impls/_triton_kernels.py`` (e.g. "_fwd_window_kernel")
+    for CUDA compute capability ``arch`` without a GPU, through Triton's whole pipeline
+    (ptxas included). Returns Triton's compiled kernel: ``.asm["ptx"]``,
+    ``.asm["cubin"]``, ``.metadata.shared`` (bytes of shared memory). ``dtype`` is
+    "bf16", "fp16" or "fp32" (whose dots are three TF32 products, as on a GPU).
+    Pointers are marked 16-byte aligned, as Triton's launcher marks torch's
+    allocations, so the code is what a launch would build. Raises ``OSError`` where
+    Triton's CUDA toolchain cannot run, ``ImportError`` without its CUDA backend."""
+    import triton
+    import triton.backends.nvidia  # noqa: F401  (the CUDA backend, or ImportError)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kern = kernels(False)
+    fn = getattr(kern, name)
+    types = dict(_ARG_TYPES, **{p: "*" + dtype for p in ("Q", "K", "V", "O", "DO", "DQ")})
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=kern.block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=16,
+                  DOT_PREC="tf32x3" if dtype == "fp32" else "tf32", UPCAST=False,
+                  STATIC_LOOPS=False, S_K1=0, S_K2=0, S_KN=0, S_GN=0, S_QN=0)  # fmt: skip
+    sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
+    cx = {(fn.arg_names.index(a),): consts[a] for a in fn.arg_names if a in consts}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=aligned)
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+
+
 # ---------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("attnbench::triton_longformer_fwd", mutates_args=())
 def _fwd_op(

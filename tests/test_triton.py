@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -187,38 +188,18 @@ def test_cuda_launch_code_binds(monkeypatch, n):
         assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"]) == (64, 32, 3)
 
 
-_SM90_TYPES = {k: "i32" for k in ("n", "H", "HG", "d", "lo", "hi", "G", "causal")}
-_SM90_TYPES.update({"scale": "fp32", "scale_log2": "fp32", "LSE": "*fp32", "DELTA": "*fp32", "DK": "*fp32",
-                    "DV": "*fp32", "HEADS": "*i32", "ROW_GLOBAL": "*i8", "GLOB": "*i32", "DIL": "*i32"})  # fmt: skip
 _ALL_KERNELS = ("_fwd_window_kernel", "_fwd_global_rows_kernel", "_bwd_delta_kernel", "_bwd_kv_window_kernel",
                 "_bwd_kv_global_keys_kernel", "_bwd_q_window_kernel", "_bwd_q_global_rows_kernel")  # fmt: skip
 _WINDOW_KERNELS = {"fwd": "_fwd_window_kernel", "kv": "_bwd_kv_window_kernel", "q": "_bwd_q_window_kernel"}
 
 
 def _compile_sm90(name: str, dtype: str, head_dim: int, bm: int = 64, bn: int = 32, warps: int = 4, stages: int = 2):
-    """One kernel through Triton's whole CUDA pipeline for sm90 (to a cubin, with
-    ptxas), no GPU needed. Pointers are marked 16-byte aligned, as Triton's launcher
-    marks torch's allocations, so the code is what a launch on an H100 would build
-    (without that mark the tile loads compile to scalar ones)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
+    """One kernel through Triton's whole CUDA pipeline for sm90, no GPU needed
+    (tf.compile_ahead: pointers marked aligned as the launcher marks them)."""
     try:
-        import triton.backends.nvidia  # noqa: F401
-    except Exception as e:  # pragma: no cover
+        return tf.compile_ahead(name, dtype, head_dim, bm, bn, warps, stages, arch=90)
+    except ImportError as e:  # pragma: no cover
         pytest.skip(f"no CUDA backend in this triton: {e}")
-    kern = tf.kernels(False)
-    fn = getattr(kern, name)
-    types = dict(_SM90_TYPES, **{p: "*" + dtype for p in ("Q", "K", "V", "O", "DO", "DQ")})
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=kern.block_d(head_dim), BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=16,
-                  DOT_PREC="tf32x3" if dtype == "fp32" else "tf32", UPCAST=False,
-                  STATIC_LOOPS=False, S_K1=0, S_K2=0, S_KN=0, S_GN=0, S_QN=0)  # fmt: skip
-    sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
-    cx = {(fn.arg_names.index(a),): consts[a] for a in fn.arg_names if a in consts}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
-    try:
-        src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=aligned)
-        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
     except OSError as e:  # pragma: no cover - the toolchain, not the kernels
         pytest.skip(f"CUDA toolchain of this triton cannot run here: {e}")
 
@@ -326,3 +307,15 @@ def test_autotuned_kernels_match_reference(dtype):
     base = _naive_err(q, k, v, p, dout)
     for name, got, want, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), base):
         compare(got, want, b, dtype, f"triton autotuned n={n} {name}")
+
+
+def test_resources_script_reports_each_config():
+    """scripts/triton_resources.py: one row per window kernel, shared memory and fit."""
+    pytest.importorskip("triton.backends.nvidia", reason="no CUDA backend in this triton")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "triton_resources.py"
+    cmd = [sys.executable, str(script), "--head-dims", "64", "--dtypes", "bf16", "--configs", "fixed"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = [ln.split() for ln in r.stdout.splitlines() if ln.startswith("bf16")]
+    assert [row[2] for row in rows] == ["fwd", "kv", "q"], r.stdout
+    assert all("yes" in row for row in rows), r.stdout
