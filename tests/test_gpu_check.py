@@ -220,3 +220,40 @@ def test_stage_summary_figure_and_verdict_run_end_to_end_on_cpu(tmp_path):
     # a stage out of time marks the rest skipped, with the reason, and runs nothing
     late = gpu_check.run_stage("late", configs[:2], tmp_path, lines.append, -1, {})
     assert [(r["status"], "ran out of time" in r["reason"]) for r in gpu_check._read(late)] == [("skipped", True)] * 2
+
+
+def test_main_runs_the_chosen_stages_in_order_within_the_budget(tmp_path, monkeypatch):
+    """main()'s control flow with the GPU parts stubbed: which stages run, in which
+    order, with which time limits, and that the verdict always closes the run."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check, "environment", lambda log: {"gpu": "stub"})
+    monkeypatch.setattr(gpu_check, "ceilings", lambda log: {"bf16_matmul_tflops": 1.0})
+
+    def fake_tests(outdir, log, limit, shards=1):
+        calls.append(("tests", round(limit)))
+        return {}
+
+    def fake_stage(name, configs, outdir, log, limit, ceil):
+        calls.append((name, round(limit), len(configs)))
+        return outdir / f"{name}.csv"
+
+    monkeypatch.setattr(gpu_check, "run_tests", fake_tests)
+    monkeypatch.setattr(gpu_check, "run_stage", fake_stage)
+    monkeypatch.setattr(gpu_check, "figure", lambda *a: calls.append(("figure",)))
+    monkeypatch.setattr(gpu_check, "summary", lambda *a: calls.append(("summary",)))
+    monkeypatch.setattr(gpu_check, "verdict", lambda *a: calls.append(("verdict",)) or [])
+    out = tmp_path / "out"
+    rc = gpu_check.main([str(out), "--stages", "scaling,targets,tests", "--budget", "500", "--targets-limit", "100"])
+    assert rc == 0
+    n_targets, n_scaling = len(gpu_check.targets_plan()), len(gpu_check.plan())
+    rest = 500 - gpu_check.RESERVE_S
+    assert calls == [("tests", 200), ("targets", 100, n_targets), ("scaling", rest, n_scaling),
+                     ("figure",), ("summary",), ("verdict",)]  # fmt: skip
+    assert (out / "environment.json").exists() and (out / "gpu_check.log").exists()
+
+    calls.clear()  # the default: tests and scaling; --skip-tests leaves the tests out
+    assert gpu_check.main([str(out), "--skip-tests"]) == 0
+    assert [c[0] for c in calls] == ["scaling", "figure", "summary", "verdict"]
