@@ -149,7 +149,10 @@ def run_tests(
     failed test ids and one return code (0 only if every shard passed)."""
     env = dict(os.environ, ATTNBENCH_TEST_DEVICE=device, PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets, "-rfEs", "--tb=short"]
+    # a module that cannot be imported there (a package the GPU machine lacks) is an
+    # error in the counts, not the end of the suite
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets, "-rfEs", "--tb=short",
+           "--continue-on-collection-errors"]  # fmt: skip
     log(f"  $ ATTNBENCH_TEST_DEVICE={device} " + " ".join(cmd[1:]) + (f"  (x {shards} shards)" if shards > 1 else ""))
     t0 = time.time()
     procs = []

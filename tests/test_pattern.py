@@ -1,11 +1,10 @@
-"""The Pattern: validation, hand-drawn masks, pairs() against the mask."""
+"""The Pattern: validation, hand-drawn masks, pairs() against the mask. Property
+tests over random patterns are in test_pattern_properties.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from attnbench import Pattern
 
@@ -131,47 +130,6 @@ def test_pairs_known_value():
     assert Pattern(2).pairs(6, heads=3) == 48
     # causal does the same work per interior query: w + 1
     assert Pattern(4, causal=True).pairs(100) == sum(min(i, 4) + 1 for i in range(100))
-
-
-patterns = st.builds(
-    lambda w, d, causal, g, n, per_head, heads: (
-        Pattern(2 * w, tuple(d for _ in range(heads)) if per_head else d, causal, [x % n for x in g]),
-        n,
-        heads,
-    ),
-    w=st.integers(0, 8),
-    d=st.integers(1, 4),
-    causal=st.booleans(),
-    g=st.lists(st.integers(0, 1000), max_size=5),
-    n=st.integers(1, 60),
-    per_head=st.booleans(),
-    heads=st.integers(1, 3),
-)
-
-
-@settings(max_examples=150, deadline=None)
-@given(patterns)
-def test_pairs_equals_mask_sum(case):
-    p, n, heads = case
-    m = p.mask(n, heads=heads)
-    assert p.pairs(n, heads) == int(m.sum())
-    assert m.diagonal(dim1=-2, dim2=-1).all(), "every row attends to itself"
-
-
-@settings(max_examples=100, deadline=None)
-@given(patterns)
-def test_mask_matches_the_rule(case):
-    """The mask equals the rule in the docstring, evaluated pair by pair."""
-    p, n, heads = case
-    m = p.mask(n, heads=heads)
-    lo, hi = p.offset_range
-    g = set(p.global_tokens)
-    for h, d in enumerate(p.dilations(heads)):
-        for i in range(n):
-            for j in range(n):
-                in_win = (j - i) % d == 0 and lo <= (j - i) // d <= hi
-                want = (in_win or i in g or j in g) and (not p.causal or j <= i)
-                assert bool(m[h, i, j]) == want, (p, n, h, i, j)
 
 
 def test_mask_rows_matches_mask():
