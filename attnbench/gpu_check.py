@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import json
 import os
@@ -313,8 +314,6 @@ def scaling(outdir: Path, log: Log, limit_s: float, quick: bool, ceil: dict) -> 
 
 # ---------------------------------------------------------------- verdict
 def _read(path: Path) -> list[dict]:
-    import csv
-
     if not path.exists():
         return []
     with open(path, newline="") as f:
@@ -323,8 +322,8 @@ def _read(path: Path) -> list[dict]:
 
 def _num(row: dict | None, col: str) -> float | None:
     try:
-        return float(row[col]) if row and row.get("status") == "ok" else None
-    except (TypeError, ValueError):
+        return float(row[col]) if row else None
+    except (TypeError, ValueError):  # an empty cell
         return None
 
 
@@ -332,7 +331,6 @@ def verdict(outdir: Path, log: Log, ceil: dict) -> list[dict]:
     """Each performance target of the Triton and CuPy kernels, from the rows in OUTDIR
     (targets.csv, scaling.csv; the latest row of each configuration): measured,
     required, and pass, FAIL or missing (no ok row). Written to OUTDIR/verdict.csv."""
-    import csv
 
     def pick(rows, **want):
         for r in reversed(rows):  # the latest, if OUTDIR holds earlier runs too
