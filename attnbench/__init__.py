@@ -4,13 +4,24 @@ implemented several ways, checked against a float64 reference, timed and profile
 Importing this package needs torch alone; implementations load on first use.
 """
 
-from .pattern import Pattern
-from .reference import default_scale, reference, reference_rows
-from .registry import (
+from pathlib import Path as _Path
+
+# The implementations and the Hydra configs are ``attnbench.impls`` and
+# ``attnbench.conf``. An installed attnbench has them inside the package (pyproject
+# maps the repository's top-level impls/ and conf/ there); a plain checkout keeps
+# them beside it, so the checkout's root is searched too.
+_ROOT = _Path(__file__).resolve().parent.parent
+if not (_Path(__file__).parent / "impls").is_dir() and (_ROOT / "impls" / "__init__.py").is_file():
+    __path__.append(str(_ROOT))
+
+from .pattern import Pattern  # noqa: E402
+from .reference import default_scale, reference, reference_rows  # noqa: E402
+from .registry import (  # noqa: E402
     FEATURES,
     Impl,
     UnsupportedError,
     attention,
+    available_impls,
     describe,
     get_impl,
     list_impls,
@@ -23,6 +34,7 @@ __all__ = [
     "Pattern",
     "UnsupportedError",
     "attention",
+    "available_impls",
     "default_scale",
     "describe",
     "get_impl",

@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from impls import triton_fused as tf  # noqa: E402
+from attnbench.impls import triton_fused as tf  # noqa: E402
 
 KERNELS = {"fwd": "_fwd_window_kernel", "kv": "_bwd_kv_window_kernel", "q": "_bwd_q_window_kernel"}
 

@@ -1,0 +1,1 @@
+"""Hydra configs of the command line, shipped inside the package (pkg://attnbench.conf)."""
