@@ -20,7 +20,21 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Pattern"]
+__all__ = ["Pattern", "window_rule"]
+
+
+def window_rule(q_idx, kv_idx, d, lo, hi):
+    """The sliding-window half of the pattern: key ``kv_idx`` lies in query ``q_idx``'s
+    window at dilation ``d`` iff ``kv_idx = q_idx + d*c`` for an integer ``c`` in
+    ``[lo, hi]`` (:attr:`Pattern.offset_range`). Edges need no test: keys outside
+    ``[0, n)`` are never asked about.
+
+    Works elementwise on ints and on broadcasting tensors alike, so the mask, the
+    exact pair count, FlexAttention's ``mask_mod`` and the loop implementation all ask
+    this one function.
+    """
+    diff = kv_idx - q_idx
+    return (diff % d == 0) & (diff >= lo * d) & (diff <= hi * d)
 
 
 def _is_int(x: object) -> bool:
@@ -140,32 +154,52 @@ class Pattern:
         return s
 
     # ------------------------------------------------------------------ masks
+    def mask_mod(self, seq_len: int, heads: int = 1, device: torch.device | str = "cpu"):
+        """The pattern as a predicate ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``, in
+        FlexAttention's convention (``b`` is ignored): True iff query ``q_idx`` of head
+        ``h`` attends to key ``kv_idx``. Arguments broadcast like tensors.
+
+        The specification in executable form: the window (:func:`window_rule` at the
+        head's dilation), or a global query, or a global key; then ``kv_idx <= q_idx``
+        when causal. Every parameter is a captured tensor, not a Python constant, so a
+        compiled caller (FlexAttention) is not specialised on the window, the causal
+        flag or the global positions.
+
+        Captures: ``dil`` (heads,) int64, ``is_global`` (seq_len,) bool,
+        ``bounds`` (3,) int64 = (lo, hi, causal).
+        """
+        self.validate(seq_len, heads)
+        lo, hi = self.offset_range
+        dil = torch.tensor(self.dilations(heads), dtype=torch.int64, device=device)  # (H,)
+        is_global = torch.zeros(seq_len, dtype=torch.bool, device=device)  # (n,)
+        if self.global_tokens:
+            is_global[list(self.global_tokens)] = True
+        bounds = torch.tensor([lo, hi, int(self.causal)], dtype=torch.int64, device=device)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            allowed = window_rule(q_idx, kv_idx, dil[h], bounds[0], bounds[1]) | is_global[q_idx] | is_global[kv_idx]
+            return allowed & ((kv_idx <= q_idx) | (bounds[2] == 0))
+
+        return mask_mod
+
     def mask_rows(
         self, rows: torch.Tensor, seq_len: int, heads: int | None = None, device: torch.device | str | None = None
     ) -> torch.Tensor:
         """Boolean mask of the given query rows: ``(R, n)``, or ``(heads, R, n)`` when
-        ``heads`` is given. ``True`` = attended. Memory O(R * n)."""
+        ``heads`` is given. ``True`` = attended. Memory O(R * n) per distinct dilation."""
         self.validate(seq_len, heads)
         dev = rows.device if device is None else torch.device(device)
-        i = rows.to(device=dev, dtype=torch.long).reshape(-1, 1)  # (R, 1)
-        j = torch.arange(seq_len, device=dev).reshape(1, -1)  # (1, n)
-        lo, hi = self.offset_range
-        diff = j - i  # (R, n)
-        dils = self.dilations(heads) if heads is not None else (self.dilation,)
-        out = []
-        g = torch.zeros(seq_len, dtype=torch.bool, device=dev)
-        if self.global_tokens:
-            g[list(self.global_tokens)] = True
-        row_global = g[i.reshape(-1)].reshape(-1, 1)  # (R, 1)
-        for d in dils:
-            in_window = (diff % d == 0) & (diff >= lo * d) & (diff <= hi * d)
-            m = in_window | g.reshape(1, -1) | row_global
-            if self.causal:
-                m = m & (diff <= 0)
-            out.append(m)
+        H = 1 if heads is None else heads
+        mod = self.mask_mod(seq_len, H, dev)
+        i = rows.to(device=dev, dtype=torch.long).reshape(1, -1, 1)  # (1, R, 1)
+        j = torch.arange(seq_len, device=dev).reshape(1, 1, -1)  # (1, 1, n)
+        first: dict[int, int] = {}  # one evaluation per distinct dilation
+        for h, d in enumerate(self.dilations(H)):
+            first.setdefault(d, h)
+        per_d = {d: mod(None, torch.tensor(h, device=dev), i, j)[0] for d, h in first.items()}  # (R, n) each
         if heads is None:
-            return out[0]
-        return torch.stack(out)  # (H, R, n)
+            return per_d[self.dilation]
+        return torch.stack([per_d[d] for d in self.dilations(heads)])  # (H, R, n)
 
     def mask(self, seq_len: int, heads: int | None = None) -> torch.Tensor:
         """Dense boolean mask: ``(n, n)``, or ``(heads, n, n)`` when ``heads`` is given
@@ -197,11 +231,10 @@ class Pattern:
                 step = max(1, (1 << 22) // len(glob))
                 for s in range(0, n, step):
                     ii = i[s : s + step].reshape(-1, 1)
-                    diff = glob.reshape(1, -1) - ii  # (r, G)
-                    in_win = (diff % d == 0) & (diff >= lo * d) & (diff <= hi * d)
-                    allowed = ~in_win
+                    g = glob.reshape(1, -1)  # (1, G)
+                    allowed = ~window_rule(ii, g, d, lo, hi)  # (r, G)
                     if self.causal:
-                        allowed &= diff <= 0
+                        allowed &= g <= ii
                     extra[s : s + step] = allowed.sum(1)
             per_row = torch.where(is_g, full, win + extra)
             total += int(per_row.sum())

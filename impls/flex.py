@@ -1,23 +1,17 @@
 """flex: PyTorch FlexAttention (``torch.nn.attention.flex_attention``), compiled, with a
 ``mask_mod`` that states the exact pattern.
 
-The mask_mod answers "does query ``q_idx`` of head ``h`` attend to key ``kv_idx``?"::
-
-    diff = kv_idx - q_idx
-    d = dilation[h]                                   # per-head dilation tensor (H,)
-    window = diff % d == 0 and lo*d <= diff <= hi*d   # lo, hi = -w/2, w/2 (causal: -w, 0)
-    allowed = window or is_global[q_idx] or is_global[kv_idx]
-    if causal: allowed = allowed and diff <= 0
-
-Every pattern parameter (window bounds, causal flag, dilations, global flags) is a
-captured tensor, never a Python constant, so a new window size or global set does not
-force a recompilation of the kernel; new shapes and dtypes do.
+The ``mask_mod`` is the pattern's own predicate, :meth:`attnbench.Pattern.mask_mod`:
+"does query ``q_idx`` of head ``h`` attend to key ``kv_idx``?" Every pattern parameter
+in it (window bounds, causal flag, per-head dilations, global flags) is a captured
+tensor, never a Python constant, so a new window size or global set does not force a
+recompilation of the kernel; new shapes and dtypes do.
 
 The ``BlockMask`` (128 x 128 tiles; tiles wholly inside the pattern skip the mask_mod,
 tiles wholly outside are skipped) is built once per (seq_len, heads, pattern, device)
-and kept in a small LRU cache. Its construction time is reported separately in
-:data:`last_timing` (``block_mask_ms``: time to build the mask of the last call, 0.0
-when it came from the cache), so a benchmark can record it apart from the kernel.
+and kept in a small LRU cache. Its construction time is reported apart from the
+kernel (:func:`report`, the registry's ``report``: ``setup_ms`` is the time to build
+the mask of the last call, 0.0 when it came from the cache).
 Small masks are built eagerly; large ones (over ``EAGER_MASK_LIMIT`` mask entries)
 with ``torch.compile(create_block_mask)``, which never materialises the n x n mask
 (the eager builder does: pytorch#134756), at the price of a compilation on first use.
@@ -103,29 +97,6 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     return float(blocks + build + out + bwd)
 
 
-def make_mask_mod(pattern: Pattern, seq_len: int, heads: int, device: torch.device | str):
-    """The pattern as a FlexAttention ``mask_mod(b, h, q_idx, kv_idx) -> bool``.
-
-    Captures: ``dil`` (heads,) int64 per-head dilation, ``is_global`` (seq_len,) bool,
-    ``bounds`` (3,) int64 = (lo, hi, causal).
-    """
-    lo, hi = pattern.offset_range
-    dil = torch.tensor(pattern.dilations(heads), dtype=torch.int64, device=device)  # (H,)
-    is_global = torch.zeros(seq_len, dtype=torch.bool, device=device)  # (n,)
-    if pattern.global_tokens:
-        is_global[list(pattern.global_tokens)] = True
-    bounds = torch.tensor([lo, hi, int(pattern.causal)], dtype=torch.int64, device=device)
-
-    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        d = dil[h]
-        diff = kv_idx - q_idx
-        window = (diff % d == 0) & (diff >= bounds[0] * d) & (diff <= bounds[1] * d)
-        allowed = window | is_global[q_idx] | is_global[kv_idx]
-        return allowed & ((diff <= 0) | (bounds[2] == 0))
-
-    return mask_mod
-
-
 @functools.lru_cache(maxsize=1)
 def _compiled_builder():
     from torch.nn.attention.flex_attention import create_block_mask
@@ -156,7 +127,7 @@ def build_block_mask(pattern: Pattern, seq_len: int, heads: int, device: torch.d
     from torch.nn.attention.flex_attention import create_block_mask
 
     dev = torch.device(device)
-    mask_mod = make_mask_mod(pattern, seq_len, heads, dev)
+    mask_mod = pattern.mask_mod(seq_len, heads, dev)
     hm = heads if pattern.per_head else None
     big = (hm or 1) * seq_len * seq_len > EAGER_MASK_LIMIT
     builder = _compiled_builder() if big else create_block_mask
@@ -184,9 +155,10 @@ def get_block_mask(pattern: Pattern, seq_len: int, heads: int, device: torch.dev
     return bm
 
 
-def block_mask_time_ms() -> float:
-    """Milliseconds spent building the block mask in the last call (0.0: cached)."""
-    return float(last_timing["block_mask_ms"])
+def report() -> dict:
+    """For the result row: ``setup_ms``, the milliseconds spent building the block mask
+    in the last call (0.0 when it came from the cache)."""
+    return {"setup_ms": float(last_timing["block_mask_ms"])}
 
 
 def clear_cache() -> None:
@@ -204,6 +176,7 @@ def clear_cache() -> None:
     description="PyTorch FlexAttention, compiled, exact mask_mod, cached 128x128 BlockMask",
     tunables={"block_size": BLOCK, "cache_size": CACHE_SIZE},
     slow_on_cpu=True,
+    report=report,
 )
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
     """q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)`` through compiled ``flex_attention``."""

@@ -14,6 +14,7 @@ import torch
 
 from attnbench import Pattern, register
 from attnbench.ops import gather_heads, head_groups, scatter_heads
+from attnbench.pattern import window_rule
 
 
 def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
@@ -25,15 +26,7 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
 
 def _extra_globals(i: int, d: int, lo: int, hi: int, globs: tuple[int, ...], causal: bool) -> list[int]:
     """Global keys query i attends to beyond its window (never counted twice)."""
-    out = []
-    for g in globs:
-        diff = g - i
-        if diff % d == 0 and lo * d <= diff <= hi * d:
-            continue  # already in the window
-        if causal and diff > 0:
-            continue
-        out.append(g)
-    return out
+    return [g for g in globs if not window_rule(i, g, d, lo, hi) and not (causal and g > i)]
 
 
 @register(
