@@ -1,7 +1,7 @@
 """The implementation registry.
 
-Every module in the ``impls`` package registers one implementation with
-:func:`register`; other packages add theirs through the entry-point group
+Every module in the ``attnbench.impls`` package (the repository's ``impls/`` folder)
+registers one implementation with :func:`register`; other packages add theirs through the entry-point group
 ``attnbench.impls``. Implementation modules are imported only when the registry is
 first queried, and they import optional packages (triton, cupy, flash-attn,
 transformers) inside their functions, so ``import attnbench`` needs torch alone.
@@ -9,7 +9,9 @@ transformers) inside their functions, so ``import attnbench`` needs torch alone.
 An implementation is a function ``fn(q, k, v, pattern, scale) -> out`` with
 q, k, v, out of shape ``(batch, heads, seq, head_dim)`` in one dtype and device.
 What it supports is data (:class:`Impl`); :meth:`Impl.not_supported_reasons` lists
-every reason a call cannot run, and nothing falls back silently.
+every reason a call cannot run, and nothing falls back silently. What an
+implementation chose for its last call (a block mask's build time, autotuned block
+sizes) comes back through :attr:`Impl.report`, never through module globals.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .dtypes import dtype_name
 from .pattern import Pattern
 from .reference import default_scale
 
@@ -35,18 +38,11 @@ __all__ = [
     "describe",
     "attention",
     "required_features",
-    "DTYPE_NAMES",
+    "available_impls",
 ]
 
 #: Features an implementation may declare.
 FEATURES = ("dilation", "per_head_dilation", "global_tokens", "causal", "backward")
-
-DTYPE_NAMES = {
-    torch.float64: "fp64",
-    torch.float32: "fp32",
-    torch.float16: "fp16",
-    torch.bfloat16: "bf16",
-}
 
 ImplFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Pattern, float], torch.Tensor]
 
@@ -82,6 +78,9 @@ class Impl:
             its reduced (small) case list on the CPU.
         interpreted_on_cpu: on the CPU it runs in an interpreter (Triton's); the
             benchmark skips large sizes there unless asked.
+        report: ``report() -> dict``, what the last call chose, for the result row:
+            ``setup_ms`` (per-shape set-up it built and cached, e.g. a block mask; 0.0
+            when it came from the cache) and ``tunables`` (e.g. autotuned block sizes).
     """
 
     name: str
@@ -97,6 +96,14 @@ class Impl:
     tunables: dict = field(default_factory=dict)
     slow_on_cpu: bool = False
     interpreted_on_cpu: bool = False
+    report: Callable[[], dict] | None = None
+
+    def last_call(self) -> dict:
+        """What the last call chose (:attr:`report`): ``setup_ms`` and ``tunables``
+        where the implementation reports them; its declared tunables otherwise."""
+        got = dict(self.report() or {}) if self.report is not None else {}
+        got.setdefault("tunables", dict(self.tunables))
+        return got
 
     def unavailable_reason(self) -> str | None:
         """Why it cannot run on this machine at all, or None."""
@@ -125,8 +132,8 @@ class Impl:
         if dev not in self.devices:
             reasons.append(f"device {dev!r} not supported (supports {', '.join(self.devices)})")
         if dtype not in self.dtypes:
-            names = ", ".join(DTYPE_NAMES.get(t, str(t)) for t in self.dtypes)
-            reasons.append(f"dtype {DTYPE_NAMES.get(dtype, str(dtype))} not supported (supports {names})")
+            names = ", ".join(dtype_name(t) for t in self.dtypes)
+            reasons.append(f"dtype {dtype_name(dtype)} not supported (supports {names})")
         for feat in required_features(pattern, backward=backward):
             if feat not in self.features:
                 reasons.append(f"feature {feat!r} not supported")
@@ -176,6 +183,7 @@ def register(
     tunables: dict | None = None,
     slow_on_cpu: bool = False,
     interpreted_on_cpu: bool = False,
+    report: Callable[[], dict] | None = None,
 ) -> Callable[[ImplFn], ImplFn]:
     """Decorator registering ``fn(q, k, v, pattern, scale) -> out`` under ``name``.
 
@@ -205,6 +213,7 @@ def register(
             tunables=dict(tunables or {}),
             slow_on_cpu=slow_on_cpu,
             interpreted_on_cpu=interpreted_on_cpu,
+            report=report,
         )
         return fn
 
@@ -217,40 +226,50 @@ def unregister(name: str) -> None:
 
 
 def _load_all() -> None:
-    """Import the bundled ``impls`` modules and the ``attnbench.impls`` entry points once."""
+    """Import the bundled ``attnbench.impls`` modules and the ``attnbench.impls`` entry
+    points once. A module that fails to import is listed by :func:`describe`."""
     global _LOADED
     if _LOADED:
         return
     _LOADED = True
-    try:
-        import impls
-    except ImportError as e:  # pragma: no cover - broken install
-        _BROKEN["impls"] = f"{type(e).__name__}: {e}"
-        impls = None
-    if impls is not None:
-        for mod in sorted(pkgutil.iter_modules(impls.__path__), key=lambda m: m.name):
-            if mod.name.startswith("_"):
-                continue
-            try:
-                importlib.import_module(f"impls.{mod.name}")
-            except Exception as e:
-                _BROKEN[f"impls.{mod.name}"] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=2)}"
-    try:
-        from importlib.metadata import entry_points
+    from . import impls
 
-        for ep in entry_points(group="attnbench.impls"):
-            try:
-                ep.load()
-            except Exception as e:
-                _BROKEN[f"entry point {ep.name}"] = f"{type(e).__name__}: {e}"
-    except Exception:  # pragma: no cover
-        pass
+    for mod in sorted(pkgutil.iter_modules(impls.__path__), key=lambda m: m.name):
+        if mod.name.startswith("_"):
+            continue
+        try:
+            importlib.import_module(f"{impls.__name__}.{mod.name}")
+        except Exception as e:
+            _BROKEN[f"attnbench.impls.{mod.name}"] = f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=2)}"
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="attnbench.impls"):
+        try:
+            ep.load()
+        except Exception as e:
+            _BROKEN[f"entry point {ep.name}"] = f"{type(e).__name__}: {e}"
 
 
 def list_impls() -> list[str]:
     """Names of every registered implementation (available here or not), sorted."""
     _load_all()
     return sorted(_REGISTRY)
+
+
+def available_impls(device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> list[Impl]:
+    """The implementations that run on this machine (their probe finds what they need),
+    in :func:`list_impls` order; with ``device`` / ``dtype``, only those that declare it."""
+    out = []
+    for name in list_impls():
+        im = _REGISTRY[name]
+        if im.unavailable_reason() is not None:
+            continue
+        if device is not None and torch.device(device).type not in im.devices:
+            continue
+        if dtype is not None and dtype not in im.dtypes:
+            continue
+        out.append(im)
+    return out
 
 
 def get_impl(name: str) -> Impl:
@@ -280,7 +299,7 @@ def describe() -> list[dict]:
                 "available": why is None,
                 "reason": why or "",
                 "devices": ",".join(im.devices),
-                "dtypes": ",".join(DTYPE_NAMES.get(t, str(t)) for t in im.dtypes),
+                "dtypes": ",".join(dtype_name(t) for t in im.dtypes),
                 "features": ",".join(f for f in FEATURES if f in im.features),
                 "description": im.description,
             }

@@ -19,8 +19,8 @@ The call goes through the custom op ``torch.ops.attnbench.triton_longformer_fwd`
 ``torch.compile``; :class:`TritonLongformerAttention` is the same as a plain
 ``torch.autograd.Function``.
 
-Triton is imported only when a call runs: ``import impls.triton_fused`` needs torch
-alone, and the probe names what is missing.
+Triton is imported only when a call runs: ``import attnbench.impls.triton_fused``
+needs torch alone, and the probe names what is missing.
 """
 
 import functools
@@ -72,7 +72,7 @@ def kernels(interpret: bool) -> ModuleType:
         except Exception:  # absent in older triton
             pass
         del triton
-        name = "impls._triton_kernels_" + ("interpreted" if interpret else "compiled")
+        name = f"{__package__}._triton_kernels_" + ("interpreted" if interpret else "compiled")
         spec = importlib.util.spec_from_file_location(name, _KERNEL_FILE)
         mod = importlib.util.module_from_spec(spec)
         old = os.environ.get("TRITON_INTERPRET")
@@ -112,6 +112,10 @@ def last_config() -> dict:
     if "backward" in cfg:
         cfg["backward"] = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg["backward"].items()}
     return cfg
+
+
+def _report() -> dict:
+    return {"tunables": last_config()}
 
 
 #: scalar and pointer types of the kernels' runtime arguments, for compile_ahead
@@ -325,6 +329,7 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     description="fused Triton kernels, FlashAttention-2 style over window + global keys (interpreted on CPU)",
     slow_on_cpu=True,
     interpreted_on_cpu=True,
+    report=_report,
     tunables={
         "interpreter_block": INTERPRETER_BLOCK,
         "autotune_min_seq": AUTOTUNE_MIN_SEQ,

@@ -1,4 +1,5 @@
-"""Shared test helpers: case lists, tolerances, comparison with the reference."""
+"""Shared test helpers: inputs, the verification policy's assertions, a throwaway
+registry entry, and the sharding hook gpu_check uses."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ import pytest
 import torch
 
 import attnbench
+from attnbench import registry
+from attnbench.verify import check_grads, check_output
 
 DEVICE = "cuda" if os.environ.get("ATTNBENCH_TEST_DEVICE") == "cuda" else "cpu"
-
-#: absolute slack added to 2x naive's error, per dtype
-ATOL = {torch.float64: 1e-9, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def rand_qkv(B: int, H: int, n: int, D: int, dtype: torch.dtype, seed: int = 0, requires_grad: bool = False):
@@ -24,25 +24,47 @@ def rand_qkv(B: int, H: int, n: int, D: int, dtype: torch.dtype, seed: int = 0, 
     return out
 
 
-def compare(out: torch.Tensor, ref: torch.Tensor, base_err: float, dtype: torch.dtype, what: str) -> None:
-    """Assert max|out - ref| <= 2 * base_err + atol; the message has max and mean."""
-    diff = (out.double() - ref.double()).abs()
-    mx, mean = diff.max().item(), diff.mean().item()
-    tol = 2 * base_err + ATOL[dtype]
-    assert torch.isfinite(out).all(), f"{what}: non-finite values in the output"
-    assert mx <= tol, (
-        f"{what}: max abs diff {mx:.3e} > tol {tol:.3e} (mean abs diff {mean:.3e}, naive's max {base_err:.3e})"
-    )
+def rand_dout(q: torch.Tensor, seed: int = 1) -> torch.Tensor:
+    """An output cotangent like ``q``, float64 (check_grads casts it)."""
+    return torch.randn(q.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(q.device)
+
+
+def assert_output_ok(out, q, k, v, pattern, what: str, scale: float | None = None) -> None:
+    """``out`` passes the verification policy (attnbench.verify) against the reference;
+    the failure message states the max and mean difference and the tolerance."""
+    verdict = check_output(out, q, k, v, pattern, scale, what=what)
+    assert verdict.ok, str(verdict)
+
+
+def assert_grads_ok(fn, q, k, v, pattern, what: str, scale: float | None = None, dout=None) -> None:
+    """The gradients of ``fn(q, k, v)`` pass the verification policy, each of dq, dk, dv."""
+    for verdict in check_grads(fn, q, k, v, pattern, rand_dout(q) if dout is None else dout, scale, what):
+        assert verdict.ok, str(verdict)
 
 
 def impl_or_skip(name: str) -> attnbench.Impl:
+    """The implementation if it runs on the test device here; else a skip with the reason."""
     im = attnbench.get_impl(name)
-    why = im.unavailable_reason()
-    if why:
+    if name not in {i.name for i in attnbench.available_impls(DEVICE)}:
+        why = im.unavailable_reason() or f"it does not run on {DEVICE} (declares {', '.join(im.devices)})"
         pytest.skip(f"{name} unavailable here: {why}")
-    if torch.device(DEVICE).type not in im.devices:
-        pytest.skip(f"{name} does not run on {DEVICE} (declares {', '.join(im.devices)})")
     return im
+
+
+@pytest.fixture
+def throwaway():
+    """Register implementations for one test only: ``add(name, fn=clone of q, **register kwargs)``;
+    every feature is declared unless ``features=`` says otherwise."""
+    names = []
+
+    def add(name, fn=None, **kw):
+        kw.setdefault("features", attnbench.FEATURES)
+        names.append(name)
+        return attnbench.register(name, **kw)(fn or (lambda q, k, v, pattern, scale: q.clone()))
+
+    yield add
+    for n in names:
+        registry.unregister(n)
 
 
 # ---------------------------------------------------------------- sharding

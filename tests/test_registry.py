@@ -13,23 +13,25 @@ from attnbench import Pattern, UnsupportedError
 from attnbench import registry as reg
 
 
-@pytest.fixture
-def throwaway():
-    """Register implementations for one test only."""
-    names = []
+def test_available_impls_is_the_one_filter(throwaway):
+    throwaway("gpu_only", devices=("cuda",))
+    throwaway("absent", probe=lambda: "needs the 'zzz' package (not installed)")
+    throwaway("bf16_only", dtypes=(torch.bfloat16,))
+    every = [im.name for im in attnbench.available_impls()]
+    on_cpu = [im.name for im in attnbench.available_impls("cpu")]
+    fp32_cpu = [im.name for im in attnbench.available_impls("cpu", torch.float32)]
+    assert "absent" not in every and "gpu_only" in every and "gpu_only" not in on_cpu
+    assert "bf16_only" in on_cpu and "bf16_only" not in fp32_cpu and "chunked" in fp32_cpu
+    assert every == [n for n in attnbench.list_impls() if n in every]  # the registry's order
 
-    def make(name, **kw):
-        names.append(name)
 
-        @attnbench.register(name, **kw)
-        def fn(q, k, v, pattern, scale):
-            return q.clone()
-
-        return fn
-
-    yield make
-    for n in names:
-        reg.unregister(n)
+def test_last_call_reports_through_the_impl(throwaway):
+    """What an implementation chose comes back through its declared report, or its
+    declared tunables: never through module globals."""
+    throwaway("plain", tunables={"block": 64})
+    throwaway("reporting", report=lambda: {"setup_ms": 1.5, "tunables": {"block": 32}})
+    assert attnbench.get_impl("plain").last_call() == {"tunables": {"block": 64}}
+    assert attnbench.get_impl("reporting").last_call() == {"setup_ms": 1.5, "tunables": {"block": 32}}
 
 
 def test_builtin_impls_registered():
@@ -47,7 +49,7 @@ def test_import_is_lazy():
     code = (
         "import sys, attnbench\n"
         "assert 'triton' not in sys.modules and 'cupy' not in sys.modules, 'eager import'\n"
-        "assert 'impls' not in sys.modules, 'implementations imported eagerly'\n"
+        "assert 'attnbench.impls' not in sys.modules, 'implementations imported eagerly'\n"
         "attnbench.list_impls()\n"
         "bad = [m for m in ('triton', 'cupy', 'flash_attn', 'transformers') if m in sys.modules]\n"
         "assert not bad, f'registering implementations imported {bad}'\n"

@@ -16,35 +16,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, compare, rand_qkv
+from conftest import DEVICE, assert_grads_ok, assert_output_ok, rand_dout, rand_qkv
 
 import attnbench
 from attnbench import Pattern
 
 triton = pytest.importorskip("triton")
 
-import impls.triton_fused as tf  # noqa: E402
+import attnbench.impls.triton_fused as tf  # noqa: E402
 
-
-def _ref_grads(q, k, v, p, dout):
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = attnbench.reference(q64, k64, v64, p)
-    return ref, torch.autograd.grad(ref, (q64, k64, v64), dout)
-
-
-def _naive_err(q, k, v, p, dout) -> list[float]:
-    qn, kn, vn = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out = attnbench.attention(qn, kn, vn, p, impl="naive")
-    grads = torch.autograd.grad(out, (qn, kn, vn), dout.to(q.dtype))
-    ref, ref_grads = _ref_grads(q, k, v, p, dout)
-    return [(a.double() - b).abs().max().item() for a, b in zip((out, *grads), (ref, *ref_grads))]
+from attnbench.verify import reference_grads  # noqa: E402
 
 
 def test_import_needs_no_triton():
     """The registry imports every impls module: this one must not import triton."""
     code = (
         "import sys; sys.modules['triton'] = None\n"  # any 'import triton' now fails
-        "import attnbench, impls.triton_fused\n"
+        "import attnbench, attnbench.impls.triton_fused\n"
         "print(attnbench.get_impl('triton').unavailable_reason())\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -81,7 +69,8 @@ def test_custom_op_torch_compile_and_last_config():
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     assert tf.last_config()["backward"]["kv"]["BLOCK_N"] >= 16
-    ref, ref_grads = _ref_grads(q, k, v, p, 2 * dout.double())
+    ref = attnbench.reference(q, k, v, p, 0.25)
+    ref_grads = reference_grads(q, k, v, p, 2 * dout.double(), 0.25)
     assert (out.double() - 2 * ref).abs().max() < 1e-5
     for g, r in zip(grads, ref_grads):
         assert (g.double() - r).abs().max() < 1e-5
@@ -98,7 +87,8 @@ def test_autograd_function_matches_op():
     q, k, v = rand_qkv(2, 2, 37, 24, torch.float32, requires_grad=True)  # head_dim 24: padded to 32
     p = Pattern(8, (1, 3), False, (36,))
     out = tf.TritonLongformerAttention.apply(q, k, v, p, 24**-0.5)
-    ref, ref_grads = _ref_grads(q, k, v, p, torch.ones_like(out, dtype=torch.float64))
+    ref = attnbench.reference(q, k, v, p, 24**-0.5)
+    ref_grads = reference_grads(q, k, v, p, torch.ones_like(out, dtype=torch.float64), 24**-0.5)
     assert (out.double() - ref).abs().max() < 1e-5
     for g, r in zip(torch.autograd.grad(out.sum(), (q, k, v)), ref_grads):
         assert (g.double() - r).abs().max() < 1e-5
@@ -109,15 +99,11 @@ def test_interpreter_small_blocks(monkeypatch, dtype):
     """Blocks of 16 at n=100: many row blocks, classes of several blocks, the inner
     (unmasked) window stage, global keys in and out of windows."""
     monkeypatch.setattr(tf.kernels(True), "INTERP_BLOCK", 16)
-    q, k, v = rand_qkv(1, 3, 100, 16, dtype, seed=3, requires_grad=True)
+    q, k, v = rand_qkv(1, 3, 100, 16, dtype, seed=3)
     p = Pattern(64, (1, 2, 3), False, (0, 31, 99))
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    out = attnbench.attention(q, k, v, p, impl="triton")
-    grads = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
-    ref, ref_grads = _ref_grads(q, k, v, p, dout)
-    base = _naive_err(q, k, v, p, dout)
-    for (name, got, want), b in zip(zip("oqkv", (out, *grads), (ref, *ref_grads)), base):
-        compare(got, want, b, dtype, f"blocks of 16, d{name}")
+    assert_output_ok(attnbench.attention(q, k, v, p, impl="triton"), q, k, v, p, "blocks of 16")
+    triton = lambda *x: attnbench.attention(*x, p, impl="triton")  # noqa: E731
+    assert_grads_ok(triton, q, k, v, p, "blocks of 16", dout=rand_dout(q, seed=4))
 
 
 def test_check_reasons():
@@ -126,8 +112,7 @@ def test_check_reasons():
     reasons = im.not_supported_reasons(Pattern(2), device="cpu", dtype=torch.float32, q=q)
     assert any("head_dim=300" in r for r in reasons)
     q, k, v = rand_qkv(1, 1, 9, 8, torch.float32)  # head_dim 8: padded to 16
-    compare(attnbench.attention(q, k, v, Pattern(2), impl="triton"), attnbench.reference(q, k, v, Pattern(2)), 0.0,
-            torch.float32, "head_dim 8")  # fmt: skip
+    assert_output_ok(attnbench.attention(q, k, v, Pattern(2), impl="triton"), q, k, v, Pattern(2), "head_dim 8")
 
 
 # ---------------------------------------------------------------------------- compiled path, no GPU
@@ -298,15 +283,11 @@ def test_autotuned_kernels_match_reference(dtype):
         pytest.skip("the autotuned kernels run only on CUDA; in the interpreter n = 4096 would take minutes")
     n, D = tf.AUTOTUNE_MIN_SEQ, 128 if dtype == torch.bfloat16 else 64
     p = Pattern(512, 2, False, (0, n // 2 - 1, n - 1))
-    q, k, v = rand_qkv(1, 2, n, D, dtype, requires_grad=True)
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    q, k, v = rand_qkv(1, 2, n, D, dtype)
     out = attnbench.attention(q, k, v, p, impl="triton")
     assert tf.last_config()["autotuned"]
-    grads = torch.autograd.grad(out, (q, k, v), dout.to(dtype))
-    ref, ref_grads = _ref_grads(q, k, v, p, dout)
-    base = _naive_err(q, k, v, p, dout)
-    for name, got, want, b in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref, *ref_grads), base):
-        compare(got, want, b, dtype, f"triton autotuned n={n} {name}")
+    assert_output_ok(out, q, k, v, p, f"triton autotuned n={n}")
+    assert_grads_ok(lambda *x: attnbench.attention(*x, p, impl="triton"), q, k, v, p, f"triton autotuned n={n}")
 
 
 def test_resources_script_reports_each_config():

@@ -1,0 +1,171 @@
+"""The verification and tolerance policy: one rule, used by the engine's gate and by the
+test suite alike.
+
+An output (or a gradient) of an implementation passes iff
+
+* it keeps every non-finite value of the float64 reference (a NaN or inf in the inputs
+  never turns into a number; see :mod:`attnbench.reference` for which outputs it
+  reaches), and it is finite wherever the reference is, unless the inputs themselves
+  hold non-finite values (then spreading them further, as a dense masked product
+  does with ``0 * NaN``, is loud, not wrong), and
+* over the finite entries, ``max |got - ref| <= FACTOR * control_err + ATOL[dtype]``,
+
+where ``ref`` is the float64 oracle and ``control_err`` is the max error, on the same
+entries, of the *control*: the same formula computed in the working dtype
+(``reference(..., upcast=False)``), i.e. PyTorch's own error in that precision on that
+device. The tolerance therefore follows the machine: exact fp32 arithmetic on a CPU
+gets a tight bound, and TF32 slack appears only where TF32 matrix products are on.
+``ATOL`` is a small floor for rounding that the control happens not to show.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .dtypes import dtype_name
+from .pattern import Pattern
+from .reference import reference, reference_rows
+
+__all__ = [
+    "ATOL",
+    "FACTOR",
+    "Verdict",
+    "tolerance",
+    "judge",
+    "check_output",
+    "check_grads",
+    "reference_grads",
+    "sample_rows",
+]
+
+#: an implementation may err this many times the control's error ...
+FACTOR = 2.0
+#: ... plus this floor (max abs error, unit-variance inputs), by dtype
+ATOL = {"fp64": 1e-9, "fp32": 2e-5, "bf16": 1.6e-2, "fp16": 2e-3}
+
+
+def tolerance(dtype: torch.dtype | str, control_err: float) -> float:
+    """The allowed max abs error in ``dtype`` given the control's error."""
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    return FACTOR * control_err + ATOL[name]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One comparison with the reference. ``str(verdict)`` is the failure message."""
+
+    what: str
+    max_err: float
+    mean_err: float
+    control_err: float
+    tol: float
+    problem: str = ""  # non-finite values where the reference has none, or the reverse
+
+    @property
+    def ok(self) -> bool:
+        return not self.problem and self.max_err <= self.tol
+
+    def __str__(self) -> str:
+        if self.problem:
+            return f"{self.what}: {self.problem}"
+        rel = ">" if self.max_err > self.tol else "<="
+        return (
+            f"{self.what}: max abs diff {self.max_err:.3e} {rel} tol {self.tol:.3e} "
+            f"(mean abs diff {self.mean_err:.3e}, control's max {self.control_err:.3e})"
+        )
+
+
+def _max_mean(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> tuple[float, float]:
+    if not bool(where.any()):
+        return 0.0, 0.0
+    d = (a - b).abs()[where]
+    return d.max().item(), d.mean().item()
+
+
+def judge(got: torch.Tensor, ref: torch.Tensor, control: torch.Tensor, what: str = "output") -> Verdict:
+    """Compare ``got`` (in its working dtype) with ``ref`` (float64) under the policy;
+    the tolerance comes from ``control``, the reference computed in that dtype."""
+    tol_dtype = got.dtype
+    ref = ref.detach().double()
+    got, control = (t.detach().to(ref.device, torch.float64) for t in (got, control))
+    fin_ref, fin_got = torch.isfinite(ref), torch.isfinite(got)
+    lost, hidden = int((fin_ref & ~fin_got).sum()), int((~fin_ref & fin_got).sum())
+    problem = ""
+    if hidden:
+        problem = f"{hidden} finite value(s) where the reference is not (a NaN or inf turned into a number)"
+    elif lost and bool(fin_ref.all()):  # finite inputs: nothing may be non-finite
+        problem = f"{lost} non-finite value(s) where the reference is finite"
+    max_err, mean_err = _max_mean(got, ref, fin_ref & fin_got)
+    control_err, _ = _max_mean(control, ref, fin_ref & torch.isfinite(control))
+    return Verdict(what, max_err, mean_err, control_err, tolerance(tol_dtype, control_err), problem)
+
+
+def sample_rows(n: int, pattern: Pattern, count: int, seed: int) -> list[int]:
+    """Rows the gate checks when the dense reference would not fit: both edges (4 rows
+    each), up to 8 global rows, and ``count`` random rows (seeded)."""
+    gen = torch.Generator().manual_seed(seed)
+    picks = set(range(min(4, n))) | set(range(max(0, n - 4), n)) | set(pattern.global_tokens[:8])
+    picks |= set(torch.randint(0, n, (count,), generator=gen).tolist())
+    return sorted(picks)
+
+
+def check_output(
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float | None = None,
+    rows: list[int] | None = None,
+    what: str = "output",
+) -> Verdict:
+    """``out`` (``(B, H, n, D)``) against the reference: every row, or only ``rows``."""
+    q, k, v = q.detach(), k.detach(), v.detach()
+    if rows is None:
+        ref = reference(q, k, v, pattern, scale)
+        control = reference(q, k, v, pattern, scale, upcast=False)
+        got = out
+    else:
+        ref = reference_rows(q, k, v, pattern, rows, scale)
+        control = reference_rows(q, k, v, pattern, rows, scale, upcast=False)
+        got = out[:, :, rows]
+    return judge(got, ref, control, what)
+
+
+def reference_grads(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    dout: torch.Tensor,
+    scale: float | None = None,
+    *,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, ...]:
+    """(dq, dk, dv) of the reference (float64, or the control with ``upcast=False``)
+    for the output cotangent ``dout``."""
+    leaves = [(t.detach().double() if upcast else t.detach().clone()).requires_grad_() for t in (q, k, v)]
+    out = reference(*leaves, pattern, scale, upcast=upcast)
+    return torch.autograd.grad(out, leaves, dout.to(out.dtype))
+
+
+def check_grads(
+    fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    dout: torch.Tensor,
+    scale: float | None = None,
+    what: str = "",
+) -> list[Verdict]:
+    """The gradients of ``fn(q, k, v) -> out`` for the cotangent ``dout`` against the
+    reference's, one verdict each for dq, dk and dv."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(fn(*leaves), leaves, dout.to(q.dtype))
+    want = reference_grads(q, k, v, pattern, dout, scale)
+    control = reference_grads(q, k, v, pattern, dout, scale, upcast=False)
+    return [judge(g, r, c, f"{what} d{name}".strip()) for name, g, r, c in zip("qkv", got, want, control)]
