@@ -1,157 +1,213 @@
 """Command line: ``python -m attnbench [key=value ...] [-m]`` (Hydra).
 
-The Hydra layer is thin: it composes ``conf/config.yaml`` into a
-:class:`attnbench.bench.BenchConfig` (plus an optional internal ``sweep`` grid) and
-hands it to :func:`attnbench.bench.sweep`. Everything works without Hydra through
-that Python API.
+The settings are the dataclass :class:`attnbench.config.RunConfig`, Hydra's structured
+config; ``conf/config.yaml`` (shipped as ``attnbench.conf``) gives their defaults.
+Before Hydra runs anything, every job the command line describes (each combination of
+a ``-m`` sweep, each point of an internal ``sweep=`` grid) is composed and validated,
+and every results folder checked: a bad setting is one line naming the setting, the
+value and what is allowed, exit status 2, and nothing is written. Then Hydra runs the
+jobs (with its basic launcher, or a submitit one for SLURM) and each hands its
+configurations to :func:`attnbench.sweep.sweep`.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import logging
+import re
+import signal
 import sys
-from pathlib import Path
+from importlib import resources
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from .config import SETTINGS, BenchConfig, RunConfig, setting_error
 
-_CHOICES = {
-    "dtype": ("auto", "fp64", "fp32", "fp16", "bf16", "float64", "float32", "float16", "bfloat16"),
-    "mode": ("fwd", "bwd", "fwd_bwd"),
-    "device": ("auto", "cpu", "cuda"),
-    "row_files": ("auto", "true", "false", "True", "False"),
-}
-_POSITIVE = ("seq_len", "batch", "heads", "head_dim")
+log = logging.getLogger("attnbench")
+
+CONFIG_MODULE = "attnbench.conf"
+GROUPS = ("pattern", "experiment")
+#: Hydra flags that print something instead of running jobs
+_NO_RUN = {"--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc", "--version"}
 
 
-def _values(raw: str, multirun: bool) -> list[str]:
-    if multirun and "(" not in raw and "[" not in raw:
-        return [v.strip() for v in raw.split(",")]
-    return [raw.strip()]
+def register_schema() -> None:
+    """Make the schema and the ``range`` resolver known to Hydra (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="attnbench_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("range"):
+        OmegaConf.register_new_resolver("range", lambda a, b: list(range(int(a), int(b))))
+
+
+def build_configs(d: dict) -> tuple[list[BenchConfig], bool, object]:
+    """(resolved configurations, resume, row_files) from a composed configuration.
+    ``sweep.impl: all`` means every implementation available on the job's device."""
+    from .registry import available_impls, list_impls
+    from .sweep import expand
+
+    d = dict(d)
+    grid = {k: v if isinstance(v, list) else [v] for k, v in dict(d.pop("sweep", None) or {}).items()}
+    resume, row_files = d.pop("resume", False), d.pop("row_files", "auto")
+    if setting_error("resume", resume):
+        raise ValueError(setting_error("resume", resume))
+    base = BenchConfig.from_dict(d)
+    if grid.get("impl") == ["all"]:
+        device = base.resolved().device
+        grid["impl"] = [im.name for im in available_impls(device)]
+        skipped = sorted(set(list_impls()) - set(grid["impl"]))
+        if skipped:
+            log.info("impl=all on %s: %s not available here (python -m attnbench.describe says why)", device, skipped)
+    return [c.resolved() for c in expand(base, grid)], resume, row_files
+
+
+# ---------------------------------------------------------------------- the check before Hydra runs
+def _group_options(group: str) -> list[str]:
+    folder = resources.files(CONFIG_MODULE) / group
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _explain(e: BaseException, job: list[str]) -> str:
+    """One line for a composition error: the setting, the value, what is allowed."""
+    from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+    cause: BaseException | None = e
+    while cause is not None and not isinstance(cause, OmegaConfBaseException):
+        cause = cause.__cause__ or cause.__context__
+    values = {a.split("=", 1)[0].lstrip("+~"): a.split("=", 1)[1] for a in job if "=" in a}
+    if cause is not None and getattr(cause, "full_key", None):
+        key = str(cause.full_key)
+        if isinstance(cause, ConfigKeyError) or "not in" in str(cause):
+            return f"{key}: unknown setting; the settings are: {', '.join(SETTINGS)}"
+        raw = values.get(key, "")
+        return setting_error(key, raw) or f"{key}={raw!r}: {str(cause).splitlines()[0]}"
+    return " ".join(str(e).split())
 
 
 def precheck(argv: list[str]) -> str | None:
-    """Validate the common overrides before Hydra runs: one clear line per mistake."""
+    """Compose and validate every job of this command line; the first problem, or None."""
+    from hydra import compose, initialize_config_module
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from .results import check_writable, rows_dir, table_path
+    from .sweep import row_files_enabled
+
+    overrides = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as e:
+        return " ".join(str(e).split("See https")[0].split())
+    for o in parsed:
+        group = o.key_or_group
+        if group in GROUPS and o.value() is not None:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+            allowed = _group_options(group)
+            for v in values:
+                if v not in allowed and not (group == "experiment" and v == "null"):
+                    return f"{group}={v!r}: unknown; choose one of: {', '.join(allowed)}"
     multirun = "-m" in argv or "--multirun" in argv
-    for arg in argv:
-        if arg.startswith(("-", "hydra", "+", "~")) or "=" not in arg:
-            continue
-        key, raw = arg.split("=", 1)
-        for val in _values(raw, multirun):
-            if key in ("impl", "pattern", "experiment"):
-                group = CONF_DIR / key
-                names = sorted(p.stem for p in group.glob("*.yaml"))
-                if val not in names and not (key == "experiment" and val == "null"):
-                    return f"{key}={val!r}: unknown; choose one of: {', '.join(names)}"
-            elif key in _CHOICES and val not in _CHOICES[key]:
-                return f"{key}={val!r}: unknown; choose one of: {', '.join(_CHOICES[key])}"
-            elif key in _POSITIVE and val != "null":
-                if not val.isdigit() or int(val) < 1:
-                    return f"{key}={val!r}: must be an int >= 1"
-            elif key == "window":
-                if not val.isdigit() or int(val) % 2:
-                    return f"window={val!r}: must be an even int >= 0 (neighbours per query besides itself)"
+    jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
+    register_schema()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        checked = set()
+        for job in jobs:
+            try:
+                d = _container(compose("config", overrides=job))
+                configs, _, row_files = build_configs(d)
+                files = row_files_enabled(_row_files_setting(row_files, job))
+            except ValueError as e:
+                return str(e)
+            except Exception as e:
+                return _explain(e, job)
+            for c in configs:
+                path = rows_dir(c) / "row.csv" if files else table_path(c)
+                if path not in checked:
+                    checked.add(path)
+                    try:
+                        check_writable(path)
+                    except ValueError as e:
+                        return str(e)
+    GlobalHydra.instance().clear()
     return None
 
 
-def _device_tag(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and torch.cuda.is_available():
-        name = torch.cuda.get_device_name().lower().replace("nvidia", "").strip()
-        return "cuda-" + "-".join(name.split())
-    return "cpu"
-
-
-def build_configs(d: dict) -> tuple[list, bool, list[str]]:
-    """(configs, resume, notes) from a composed config dict."""
-    import attnbench
-    from attnbench.bench import BenchConfig, expand
-
-    d = dict(d)
-    grid = dict(d.pop("sweep", None) or {})
-    resume = bool(d.pop("resume", False))
-    base = BenchConfig.from_dict(d)
-    notes = []
-    if "{device}" in base.study:
-        base = dataclasses.replace(base, study=base.study.replace("{device}", _device_tag(base.device)))
-    if grid.get("impl") == "all" or grid.get("impl") == ["all"]:
-        dev = base.resolved().device
-        avail = []
-        for name in attnbench.list_impls():
-            im = attnbench.get_impl(name)
-            why = im.unavailable_reason()
-            if why or dev not in im.devices:
-                notes.append(f"{name}: not run ({why or 'does not run on ' + dev})")
-            else:
-                avail.append(name)
-        grid["impl"] = avail
-    for k, v in list(grid.items()):
-        if not isinstance(v, list):
-            grid[k] = [v]
-        grid[k] = [tuple(x) if isinstance(x, list) else x for x in grid[k]]
-    return expand(base, grid), resume, notes
-
-
-def _task(cfg) -> None:
+def _container(cfg) -> dict:
     from omegaconf import OmegaConf
 
-    from attnbench.bench import format_rows, results_path, row_files_enabled, rows_dir, sweep
-
-    d = OmegaConf.to_container(cfg, resolve=True)
-    try:
-        configs, resume, notes = build_configs(d)
-        configs = [c.resolved() for c in configs]
-        row_files = row_files_enabled(_row_files_setting(d.get("row_files", "auto")))
-    except ValueError as e:
-        print(f"attnbench: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    for n in notes:
-        print(f"note: {n}", file=sys.stderr)
-    rows = sweep(configs, resume=resume, row_files=row_files)
-    if rows:
-        print(format_rows(rows))
-        if row_files:
-            for p in sorted({str(rows_dir(c)) for c in configs}):
-                print(f"rows: {p}/ (into the table: python -m attnbench.merge {p})")
-        else:
-            for p in sorted({str(results_path(c)) for c in configs}):
-                print(f"results: {p}")
+    return OmegaConf.to_container(cfg, resolve=True)
 
 
-def _row_files_setting(value: object) -> object:
+def _row_files_setting(value: object, job: list[str] | None = None) -> object:
     """``row_files=auto`` means row files under a submitit launcher (each job on its own)."""
-    if str(value).strip().lower() == "auto":
-        from hydra.core.hydra_config import HydraConfig
+    if str(value).strip().lower() != "auto":
+        return value
+    if job is not None:  # before Hydra runs: read the launcher from the overrides
+        return any(re.match(r"hydra/launcher=.*(submitit|attnbench_)", a) for a in job) or "auto"
+    from hydra.core.hydra_config import HydraConfig
 
-        if HydraConfig.initialized() and "submitit" in str(HydraConfig.get().launcher.get("_target_", "")):
-            return True
+    if HydraConfig.initialized() and "submitit" in str(HydraConfig.get().launcher.get("_target_", "")):
+        return True
     return value
 
 
-def main() -> None:
-    argv = sys.argv[1:]
-    err = precheck(argv)
-    if err:
-        print(f"attnbench: {err}", file=sys.stderr)
-        raise SystemExit(2)
+# ---------------------------------------------------------------------- running
+def _task(cfg) -> None:
+    from .results import format_rows, rows_dir, table_path
+    from .sweep import row_files_enabled, sweep
+
     try:
-        import hydra
-        from omegaconf import OmegaConf
+        configs, resume, row_files = build_configs(_container(cfg))
+        use_files = row_files_enabled(_row_files_setting(row_files))
+    except ValueError as e:  # validated before Hydra started; only a changed machine gets here
+        print(f"attnbench: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    rows = sweep(configs, resume=resume, row_files=use_files)
+    if rows:
+        print(format_rows(rows))
+    for p in sorted({str(rows_dir(c) if use_files else table_path(c)) for c in configs}):
+        print(f"rows: {p}/ (into the table: python -m attnbench.merge {p})" if use_files else f"results: {p}")
+
+
+def _normalise(arg: str) -> str:
+    """Two conveniences Hydra's grammar lacks. ``study=x-{device}``: Hydra reads braces
+    as a dictionary, but the placeholder is ours, so the value is quoted for it.
+    ``sweep.<field>=...``: an axis of the internal sweep, added or replaced (``++``)
+    whether or not an experiment already has it."""
+    m = re.fullmatch(r"(\+?study)=([^'\"].*\{device\}.*)", arg)
+    if m:
+        return f"{m.group(1)}='{m.group(2)}'"
+    return re.sub(r"^\+?(sweep\.\w+=)", r"++\1", arg)
+
+
+def _stop(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds: the measuring child is stopped too
+
+
+def main() -> None:
+    argv = [_normalise(a) for a in sys.argv[1:]]
+    try:
+        import hydra  # noqa: F401
     except ImportError:
         print(
             "attnbench: the command line needs hydra-core (pip install hydra-core); "
-            "the Python API (attnbench.bench.measure / sweep) works without it",
+            "the Python API (attnbench.sweep.measure / sweep) works without it",
             file=sys.stderr,
         )
         raise SystemExit(2) from None
-    if not OmegaConf.has_resolver("range"):
-        OmegaConf.register_new_resolver("range", lambda a, b: list(range(int(a), int(b))))
-    if not CONF_DIR.is_dir():
-        print(f"attnbench: config folder not found next to the package ({CONF_DIR.name}/)", file=sys.stderr)
-        raise SystemExit(2)
-    hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")(_task)()
+    register_schema()
+    if not _NO_RUN.intersection(argv):
+        err = precheck(argv)
+        if err:
+            print(f"attnbench: {err}", file=sys.stderr)
+            raise SystemExit(2)
+    sys.argv[1:] = argv
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(_task)()
+    except KeyboardInterrupt:
+        print("\nattnbench: interrupted; the rows measured so far are in the results table", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

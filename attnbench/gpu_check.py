@@ -24,7 +24,7 @@ matplotlib where installed); no Hydra, no network. In one run it
    on every performance target it has rows for (verdict.csv: measured, required,
    pass / FAIL / missing).
 
-Timing and memory go through the benchmark engine (attnbench.bench), as everywhere
+Timing and memory go through the benchmark engine (attnbench.sweep), as everywhere
 else. The run is held to --budget seconds (default 450, for "within 8 minutes").
 """
 
@@ -205,7 +205,7 @@ def run_tests(
 
 def plan(quick: bool = False) -> list:
     """The scaling configurations, in the order they run."""
-    from attnbench.bench import BenchConfig
+    from attnbench.config import BenchConfig
 
     lens = SEQ_LENS[::2] if quick else SEQ_LENS
     base = BenchConfig(
@@ -223,7 +223,7 @@ def plan(quick: bool = False) -> list:
     )
     import attnbench
 
-    impls = [n for n in attnbench.list_impls() if attnbench.get_impl(n).unavailable_reason() is None]
+    impls = [im.name for im in attnbench.available_impls()]
     out = []
     # bf16 first, its forward + backward right after its forward: if the time budget
     # runs out, what is cut is the fp32 repeat, not the figures the targets quote
@@ -241,7 +241,7 @@ def targets_plan() -> list:
     """The configurations the Triton kernel's targets are quoted at: B=1, H=16,
     n=32768, window 512, bf16, head_dim 64 and 128, dilation 1 and 2, forward and
     forward + backward, for "triton" and for FlexAttention ("flex") on the same pattern."""
-    from attnbench.bench import BenchConfig
+    from attnbench.config import BenchConfig
 
     base = BenchConfig(
         device="cuda",
@@ -271,7 +271,8 @@ def run_stage(name: str, configs: list, outdir: Path, log: Log, limit_s: float, 
     """Measure ``configs`` one by one with the benchmark engine into OUTDIR/<name>.csv
     (each row written as it comes); those left when ``limit_s`` is spent become rows
     marked skipped. Logs a line per job, then the rows at the largest n."""
-    from attnbench.bench import _base_row, append_row, format_rows, sweep
+    from attnbench.results import append_row, base_row, format_rows
+    from attnbench.sweep import sweep
 
     csv_path = outdir / f"{name}.csv"
     configs = [dataclasses.replace(c, results_dir=str(outdir), study=name) for c in configs]
@@ -280,16 +281,16 @@ def run_stage(name: str, configs: list, outdir: Path, log: Log, limit_s: float, 
     for i, c in enumerate(configs):
         if time.time() > deadline:
             try:
-                row = _base_row(c.resolved())
+                row = base_row(c.resolved())
             except ValueError:
                 continue
             row["status"], row["reason"] = "skipped", f"over the time budget: gpu_check's {name} stage ran out of time"
             append_row(csv_path, row)
             continue
-        # one at a time so the stage deadline holds; the predictive guard needs the
-        # series history, so keep it across calls
+        # one at a time so the stage deadline holds (the sweeps of a process share the
+        # series history the predictive guards use)
         try:
-            r = sweep([c], progress=False, history=_HISTORY)[0]
+            r = sweep([c], progress=False)[0]
         except Exception as e:  # an invalid configuration: say so, go on with the rest
             log(f"  [{i + 1}/{len(configs)}] {c.impl} n={c.seq_len}: not run: {type(e).__name__}: {e}"[:240])
             continue
@@ -396,9 +397,6 @@ def verdict(outdir: Path, log: Log, ceil: dict) -> list[dict]:
             f"  {r['status']:7s} {r['issue']:6s} {r['target']:58s} {r['measured']:>7s} {r['required']:>7s}  {r['note']}"
         )
     return out
-
-
-_HISTORY: dict = {}
 
 
 def summary(csv_path: Path, outdir: Path, log: Log, ceil: dict) -> None:

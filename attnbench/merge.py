@@ -9,11 +9,11 @@ merges them, and any table already there, into ``<results_dir>/<study>.csv``::
     python -m attnbench.merge results/scaling-cuda-h100.rows # a rows folder (or a table .csv)
     python -m attnbench.merge 'scaling-*' --out results/scaling-all.csv
 
-Rows are deduplicated by configuration and environment: :func:`attnbench.bench.config_key`
-plus study, host, device_name and torch_version. The same configuration measured on two
-GPU types (or hosts, or torch versions) stays two rows; measured twice in the same
-environment, the newest (``timestamp``) is kept. The table keeps the columns of
-:data:`attnbench.bench.COLUMNS`, rows in time order, so plots and notebooks read it
+Rows of the same measurement (:func:`attnbench.results.identity`: the configuration,
+the kind of device and the library versions) are merged into one, the newest
+(``timestamp``); the same configuration measured on two GPU types, or with two torch
+versions, stays two rows. The table keeps the columns of
+:data:`attnbench.results.COLUMNS`, rows in time order, so plots and notebooks read it
 unchanged. Merging is idempotent: run it again whenever more rows came in.
 """
 
@@ -21,23 +21,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import datetime as _dt
-import fcntl
 import fnmatch
-import io
-import os
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bench import COLUMNS, ROWS_SUFFIX, config_key, read_rows, row_file_paths
+from .results import ROWS_SUFFIX, merge_into, read_rows, row_file_paths
 
-__all__ = ["merge", "merge_rows", "merge_key", "find_sources", "Source"]
-
-ENV_KEYS = ("host", "device_name", "torch_version")
-_EPOCH = _dt.datetime.min.replace(tzinfo=_dt.timezone.utc)
+__all__ = ["merge", "find_sources", "Source"]
 
 
 @dataclass
@@ -47,34 +39,6 @@ class Source:
     table: Path
     rows: Path
     row_files: list[Path] = field(default_factory=list)
-
-
-def merge_key(row: dict) -> tuple:
-    """What makes two rows the same measurement: study, configuration and environment."""
-    try:
-        key = config_key(row)
-    except (TypeError, ValueError):  # an incomplete row: only an identical row is its duplicate
-        return ("?", *(str(row.get(k, "")) for k in sorted(row)))
-    return (str(row.get("study", "")), *key, *(str(row.get(k, "") or "") for k in ENV_KEYS))
-
-
-def _when(row: dict) -> _dt.datetime:
-    try:
-        t = _dt.datetime.fromisoformat(str(row.get("timestamp", "")))
-    except ValueError:
-        return _EPOCH
-    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
-
-
-def merge_rows(rows: Iterable[dict]) -> list[dict]:
-    """Deduplicate by :func:`merge_key`, keeping the newest row of each key (later input wins
-    a tie); the result is in time order."""
-    ordered = sorted(enumerate(rows), key=lambda ir: (_when(ir[1]), ir[0]))
-    newest: dict[tuple, tuple[int, dict]] = {}
-    for i, r in ordered:
-        newest[merge_key(r)] = (i, r)
-    kept = sorted(newest.values(), key=lambda ir: (_when(ir[1]), ir[0]))
-    return [r for _, r in kept]
 
 
 def _has_glob(s: str) -> bool:
@@ -116,47 +80,6 @@ def find_sources(targets: Sequence[str], results_dir: str | Path = "results") ->
     return out
 
 
-def _render(rows: list[dict]) -> str:
-    header = list(COLUMNS)
-    for r in rows:
-        header += [k for k in r if k not in header and k is not None]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=header, extrasaction="ignore", lineterminator="\r\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: "" if r.get(k) is None else r.get(k) for k in header})
-    return buf.getvalue()
-
-
-def _merge_into(out: Path, extra_rows: list[dict]) -> tuple[int, int]:
-    """Merge ``extra_rows`` into the table ``out`` in place, under the same lock that
-    :func:`attnbench.bench.append_row` takes (a local sweep appending meanwhile loses
-    nothing). The merged text goes to a side file first, so a crash mid-write leaves a
-    complete copy. Returns (rows in the table before, rows after)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a+", newline="") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            f.seek(0)
-            before = list(csv.DictReader(f))
-            merged = merge_rows(before + extra_rows)
-            text = _render(merged)
-            side = out.with_name(f"{out.name}.merge-{os.getpid()}.tmp")
-            with open(side, "w", newline="") as s:
-                s.write(text)
-                s.flush()
-                os.fsync(s.fileno())
-            f.seek(0)
-            f.truncate()
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-            side.unlink()
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-    return len(before), len(merged)
-
-
 def merge(
     targets: Sequence[str],
     out: str | Path | None = None,
@@ -182,7 +105,7 @@ def merge(
         files = [p for s in srcs for p in s.row_files]
         from_files = [r for p in files for r in read_rows(p)]
         incoming = extra + from_files
-        before, after = _merge_into(table, incoming)
+        before, after = merge_into(table, incoming)
         dropped = before + len(incoming) - after
         log(
             f"{table}: {after} rows ({before} already in the table, {len(files)} row files"
@@ -204,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m attnbench.merge",
         description="Merge a sweep's row files (<results_dir>/<study>.rows/) into its study table "
-        "(<results_dir>/<study>.csv), deduplicated by configuration and environment.",
+        "(<results_dir>/<study>.csv): one row per measurement (configuration, device, library versions), the newest.",
     )
     ap.add_argument(
         "targets", nargs="+", metavar="STUDY|ROWS_DIR|TABLE", help="a study name or glob, a .rows folder, a .csv table"

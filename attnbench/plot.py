@@ -8,8 +8,8 @@ Figures
 -------
 *Scaling* (:func:`plot_scaling`): two panels, median time per call (ms) and peak
 memory, against the sequence length, log-log, one line per implementation. The
-colour is fixed per implementation name (:func:`impl_color`), so the same
-implementation looks the same in every panel and figure. Several attention patterns
+colour follows the implementation's place in the registry (:func:`impl_color`), so
+the same implementation looks the same in every panel and figure. Several attention patterns
 in one figure are told apart by line style and marker; with more than
 :data:`MAX_PATTERNS_PER_FIGURE` patterns (or ``per_pattern=True``) each pattern gets
 its own figure. Several devices (e.g. GPU types) get one row of panels each, with
@@ -33,8 +33,9 @@ ratio (baseline memory / impl memory) against the sequence length, at the length
 where both the baseline and the implementation are ``ok``, compared within the same
 device, dtype, mode, pattern and shape.
 
-When a table holds several rows for the same line and length (e.g. two runs), the
-most recent one counts (by ``timestamp`` when present, else the later row / file).
+Rows of the same measurement count once, the newest (:func:`attnbench.results.latest`).
+Where a line still has several rows at one length (measured with other library
+versions or thread counts), the newest is drawn.
 
 Command line::
 
@@ -50,7 +51,6 @@ import math
 import re
 import sys
 import textwrap
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +64,9 @@ from matplotlib.lines import Line2D
 from matplotlib.text import Annotation
 from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
+from .registry import list_impls
+from .results import latest
+
 __all__ = [
     "REQUIRED_COLUMNS",
     "MAX_PATTERNS_PER_FIGURE",
@@ -72,6 +75,7 @@ __all__ = [
     "filter_results",
     "fit_exponent",
     "impl_color",
+    "impl_order",
     "short_reason",
     "pivot_results",
     "ratio_table",
@@ -127,38 +131,12 @@ _LINE_KEYS: tuple[str, ...] = ("impl", "pattern", "dtype", "mode", "device_name"
 #: Tensor shape columns; different shapes never share a figure.
 _SHAPE_KEYS: tuple[str, ...] = ("batch", "heads", "head_dim")
 
-#: Fixed colours of the known implementations (colour-blind-friendly where possible).
-IMPL_COLORS: dict[str, str] = {
-    "naive": "#222222",
-    "loop": "#E69F00",
-    "chunked": "#0072B2",
-    "triton": "#D55E00",
-    "cupy": "#009E73",
-    "flex": "#CC79A7",
-    "sdpa": "#56B4E9",
-    "hf_longformer": "#8C564B",
-    "flash_attn": "#9467BD",
-    "reference": "#7F7F7F",
-}
-#: Colours for other implementation names, picked by a stable hash of the name.
-_EXTRA_COLORS: tuple[str, ...] = (
-    "#BCBD22",
-    "#17BECF",
-    "#E7298A",
-    "#66A61E",
-    "#7570B3",
-    "#A6761D",
-    "#1B9E77",
-    "#FB6A4A",
-    "#6A3D9A",
-    "#B8860B",
-    "#3182BD",
-    "#8DD3C7",
-    "#F781BF",
-    "#4D4D9F",
-    "#9E0142",
-    "#5AAE61",
-)
+#: Colours, colour-blind-friendly first: implementations take them in the registry's
+#: order (:func:`attnbench.list_impls`), then other names in alphabetical order.
+PALETTE: tuple[str, ...] = (
+    "#0072B2", "#009E73", "#9467BD", "#CC79A7", "#8C564B", "#E69F00", "#222222", "#56B4E9", "#D55E00",
+    "#BCBD22", "#17BECF", "#E7298A", "#66A61E", "#7570B3", "#A6761D", "#1B9E77", "#FB6A4A", "#6A3D9A",
+)  # fmt: skip
 _LINESTYLES: tuple[str, ...] = ("-", "--", ":", "-.")
 _MARKERS: tuple[str, ...] = ("o", "s", "^", "D")
 _GIB = 2**30
@@ -333,11 +311,10 @@ def filter_results(
 
 
 def _latest(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per line and length: the most recent (timestamp, then row order)."""
+    """One row per measurement (:func:`attnbench.results.latest`), then one point per
+    line and length: the newest, where other environments measured it too."""
     keys = [*_LINE_KEYS, *_SHAPE_KEYS, "seq_len"]
-    ts = pd.to_datetime(df["timestamp"], errors="coerce", utc=True, format="mixed")
-    ordered = df.assign(_ts=ts).sort_values(["_ts", "_order"], na_position="first", kind="stable")
-    return ordered.drop_duplicates(subset=keys, keep="last").drop(columns="_ts")
+    return latest(df).drop_duplicates(subset=keys, keep="last")
 
 
 # --------------------------------------------------------------------------- analysis
@@ -429,39 +406,18 @@ def _fmt_value(v: float, _pos: object = None) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def impl_color(impl: str, others: Iterable[str] = ()) -> str:
-    """The fixed colour of an implementation.
-
-    Known implementations (:data:`IMPL_COLORS`) always get their colour. Another
-    name gets a colour picked by a stable hash of the name; ``others`` (the other
-    implementation names being drawn) resolve clashes between such names, in
-    name order, so every panel and figure of one table agrees.
-    """
-    if impl in IMPL_COLORS:
-        return IMPL_COLORS[impl]
-    return _extra_colors({impl, *others})[impl]
-
-
-def _extra_colors(impls: Iterable[str]) -> dict[str, str]:
-    """Colours of the names not in :data:`IMPL_COLORS`: hash slot, next free slot on a clash."""
-    taken: set[int] = set()
-    out: dict[str, str] = {}
-    k = len(_EXTRA_COLORS)
-    for name in sorted(set(impls) - set(IMPL_COLORS)):
-        slot = zlib.crc32(name.encode()) % k
-        for step in range(k):
-            if (slot + step) % k not in taken:
-                slot = (slot + step) % k
-                break
-        taken.add(slot)
-        out[name] = _EXTRA_COLORS[slot]
-    return out
-
-
-def _impl_order(impls: Iterable[str]) -> list[str]:
-    """Known implementations in palette order, then the others alphabetically."""
-    known = list(IMPL_COLORS)
+def impl_order(impls: Iterable[str]) -> list[str]:
+    """``impls`` in the registry's order, then names it does not know alphabetically."""
+    known = list_impls()
     return sorted(set(impls), key=lambda s: (known.index(s) if s in known else len(known), s))
+
+
+def impl_color(impl: str, others: Iterable[str] = ()) -> str:
+    """The colour of an implementation: its place in the registry's order, so every
+    figure agrees; names the registry does not know follow, in alphabetical order among
+    ``others`` (the other names drawn)."""
+    order = impl_order(set(list_impls()) | {impl, *others})
+    return PALETTE[order.index(impl) % len(PALETTE)]
 
 
 def _pattern_order(patterns: Iterable[str]) -> list[str]:
@@ -834,7 +790,7 @@ def _scaling_figure(
             _analyse(g)
             for _, g in sorted(
                 rows.groupby(["impl", "pattern"], sort=False),
-                key=lambda kv: (_impl_order(rows["impl"]).index(kv[0][0]), patterns.index(kv[0][1])),
+                key=lambda kv: (impl_order(rows["impl"]).index(kv[0][0]), patterns.index(kv[0][1])),
             )
         ]
         ax_t, ax_m = axes[r]
@@ -933,7 +889,7 @@ def ratio_table(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """
     df = _latest(_ensure_normalised(df))
     if baseline not in set(df["impl"]):
-        raise ResultsError(f"baseline {baseline!r} is not in the table (impls: {', '.join(_impl_order(df['impl']))})")
+        raise ResultsError(f"baseline {baseline!r} is not in the table (impls: {', '.join(impl_order(df['impl']))})")
     keys = ["device_name", "dtype", "mode", "pattern", *_SHAPE_KEYS, "seq_len"]
     ok = df[df["status"] == "ok"]
     base = ok[ok["impl"] == baseline][[*keys, "time_ms_median", "peak_mem_bytes"]]
@@ -982,7 +938,7 @@ def ratio_figure(df: pd.DataFrame, baseline: str, *, dpi: int = 110) -> Figure:
             sel &= table[k].isna() if isinstance(v, float) and math.isnan(v) else table[k] == v
         tab = table[sel]
         handles = []
-        for impl in _impl_order(tab["impl"]):
+        for impl in impl_order(tab["impl"]):
             for pat in patterns:
                 t = tab[(tab["impl"] == impl) & (tab["pattern"] == pat)].sort_values("seq_len")
                 if t.empty:
@@ -1130,7 +1086,7 @@ def pivot_results(
     slice_keys = [k for k in ("device_name", "pattern", "dtype", "mode", *_SHAPE_KEYS) if df[k].nunique() > 1]
     index = [*slice_keys, "impl"]
     table = df.assign(_cell=cells).pivot(index=index, columns="seq_len", values="_cell")
-    rank = {name: i for i, name in enumerate(_impl_order(df["impl"]))}
+    rank = {name: i for i, name in enumerate(impl_order(df["impl"]))}
     if slice_keys:
         order = sorted(table.index, key=lambda key: (*key[:-1], rank[key[-1]]))
     else:
@@ -1223,7 +1179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if args.baseline is not None and args.baseline not in set(df["impl"]):
             raise ResultsError(
-                f"baseline {args.baseline!r} is not in the table (impls: {', '.join(_impl_order(df['impl']))})"
+                f"baseline {args.baseline!r} is not in the table (impls: {', '.join(impl_order(df['impl']))})"
             )
         out = args.out if args.out is not None else args.results[0].with_suffix(".png")
         written = plot_scaling(df, out, per_pattern=args.per_pattern, fit_min_n=args.fit_min_n, dpi=args.dpi)

@@ -12,20 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from attnbench.bench import (
+from attnbench.config import BenchConfig
+from attnbench.merge import find_sources, merge
+from attnbench.merge import main as merge_main
+from attnbench.results import (
     COLUMNS,
-    BenchConfig,
     append_row,
-    config_key,
+    identity,
     read_row_files,
     read_rows,
     row_file_paths,
     rows_dir,
-    sweep,
     write_row_file,
 )
-from attnbench.merge import find_sources, merge, merge_rows
-from attnbench.merge import main as merge_main
+from attnbench.sweep import sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"
@@ -82,7 +82,7 @@ def _cli(args, cwd, module="attnbench"):
 
 
 def _outcomes(rows):
-    return sorted((config_key(r), r["status"]) for r in rows)
+    return sorted((identity(r)[1:], r["status"]) for r in rows)  # [1:]: any study
 
 
 # ---------------------------------------------------------------------- submitit, end to end
@@ -211,27 +211,6 @@ def test_row_files_auto_means_inside_submitit(tmp_path, monkeypatch):
     assert len(read_rows(tmp_path / "t.csv")) == 1 and len(read_row_files(rows_dir(cfg(tmp_path)))) == 1
     with pytest.raises(ValueError, match="row_files='maybe'"):
         sweep([cfg(tmp_path)], row_files="maybe", progress=False)
-
-
-def test_merge_deduplicates_by_configuration_and_environment():
-    old, new = "2030-01-01T00:00:00+00:00", "2030-01-02T00:00:00+00:00"
-    rows = [
-        fake_row(64, when=new, time_ms_median=1.0),
-        fake_row(64, when=old, time_ms_median=9.0),  # same case, same machine, older: dropped
-        fake_row(64, device_name="GPU B", when=old),  # another GPU type: kept
-        fake_row(64, host="h1", when=old),  # another host: kept
-        fake_row(64, torch_version="2.7.0", when=old),  # another torch: kept
-        fake_row(128, when=old),  # another configuration: kept
-    ]
-    out = merge_rows(rows)
-    assert len(out) == 5
-    mine = [
-        r
-        for r in out
-        if (r["seq_len"], r["host"], r["device_name"], r["torch_version"]) == (64, "h0", "GPU A", "2.6.0")
-    ]
-    assert len(mine) == 1 and mine[0]["time_ms_median"] == 1.0
-    assert [r["timestamp"] for r in out][-1] == new  # time order
 
 
 def test_merge_cli_targets_and_out(tmp_path, capsys):

@@ -127,19 +127,22 @@ def test_stop_point_and_reasons(results_csv: Path) -> None:
     assert plot.short_reason("skipped", "unsupported: feature 'dilation' not supported") == "unsupported"
     assert plot.short_reason("wrong", "") == "wrong result"
     pivot = plot.pivot_results(plot.filter_results(df, patterns=["w512"]))
-    assert list(pivot.index) == ["naive", "chunked"]
+    assert list(pivot.index) == ["chunked", "naive"]  # the registry's order
     assert pivot.loc["naive", 4096] == "OOM"
     assert pivot.loc["naive", 8192] == "skipped: memory budget"
     assert pivot.loc["chunked", 8192] == pytest.approx(1e-6 * 8192, rel=1e-3)
 
 
-def test_impl_colors_are_fixed() -> None:
-    assert plot.impl_color("naive") == plot.IMPL_COLORS["naive"]
+def test_impl_colors_follow_the_registry() -> None:
+    import attnbench
+
+    for i, name in enumerate(attnbench.list_impls()):
+        assert plot.impl_color(name) == plot.PALETTE[i]
     assert plot.impl_color("my-new-kernel") == plot.impl_color("my-new-kernel")
     assert plot.impl_color("chunked") != plot.impl_color("naive")
-    names = [f"kernel_v{i}" for i in range(len(plot._EXTRA_COLORS))]
-    colors = {plot.impl_color(name, names) for name in names}
-    assert len(colors) == len(names)  # clashes between unknown names are resolved
+    names = [f"kernel_v{i}" for i in range(len(plot.PALETTE) - len(attnbench.list_impls()))]
+    colors = {plot.impl_color(name, names) for name in [*names, *attnbench.list_impls()]}
+    assert len(colors) == len(names) + len(attnbench.list_impls())  # distinct while the palette lasts
 
 
 # --------------------------------------------------------------------------- fits

@@ -1,0 +1,380 @@
+"""Measuring many configurations: guards, prediction, process isolation, and the sweep.
+
+Plain Python, no Hydra needed::
+
+    from attnbench.config import BenchConfig
+    from attnbench.sweep import measure, sweep
+    row = measure(BenchConfig(impl="chunked", seq_len=8192, device="cpu"))
+    rows = sweep([BenchConfig(impl=i, seq_len=n) for i in ("naive", "chunked") for n in (1024, 2048)])
+
+Before a job runs, its **guards** may turn it into a ``skipped`` row with the reason:
+the implementation is unavailable or does not support the case; the memory it needs
+(predicted from the same series' measured peaks at smaller n where there are some, else
+the implementation's estimate) is over the budget; the series already ran out of
+memory or time at a smaller n, or its measured times predict a job longer than
+``job_timeout_s``; Triton's interpreter is asked for a size it cannot finish.
+
+With ``isolate`` (the default) each job runs in a child process of its own, so a crash,
+an out-of-memory kill or a hang (``job_timeout_s``) costs one row, never the sweep. The
+child dies with its parent, and it imports the module that registered the
+implementation (the parent's script too, as ``multiprocessing`` does: guard a script's
+own measurements with ``if __name__ == "__main__":``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import itertools
+import json
+import logging
+import math
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from multiprocessing import spawn
+from pathlib import Path
+
+import torch
+
+from .config import BenchConfig
+from .measure import measure_here
+from .registry import Impl, get_impl
+from .results import (
+    append_row,
+    base_row,
+    check_writable,
+    done,
+    identity,
+    rows_dir,
+    table_path,
+    write_row_file,
+)
+
+__all__ = ["measure", "sweep", "expand", "row_files_enabled", "memory_budget"]
+
+log = logging.getLogger("attnbench")
+
+#: the series history of this process (every sweep shares it unless given its own), so
+#: Hydra's basic launcher, which runs a multirun's jobs one after another in one process,
+#: gets the same predictive guards as the internal ``sweep=`` grid
+HISTORY: dict[tuple, list[dict]] = {}
+ROW_MARK = "ATTNBENCH_ROW "
+#: the child takes its parent's sys.path before it imports attnbench (as multiprocessing's
+#: spawn does), so it runs the same attnbench and finds the same modules
+_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.stdin.buffer.readline()); "
+    "from attnbench._worker import main; main()"
+)
+WORKER_ENV = "ATTNBENCH_WORKER_PARENT"
+
+
+# ---------------------------------------------------------------------- guards
+def _free_memory_bytes(device: str) -> int:
+    if device == "cuda":
+        return int(torch.cuda.mem_get_info()[0])
+    with contextlib.suppress(OSError):
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 8 * 2**30
+
+
+def memory_budget(c: BenchConfig) -> int:
+    if c.mem_budget_gb is not None:
+        return int(c.mem_budget_gb * 2**30)
+    return int(_free_memory_bytes(c.device) * c.mem_budget_fraction)
+
+
+def _inputs_bytes(c: BenchConfig) -> float:
+    esize = torch.empty(0, dtype=c.torch_dtype()).element_size()
+    return 3 * c.batch * c.heads * c.seq_len * c.head_dim * esize * (3 if c.mode != "fwd" else 1)
+
+
+def _exponent(points: list[tuple[int, float]], default: float, high: float) -> float:
+    """Growth exponent between the two largest points, clamped to [1, high]."""
+    if len(points) >= 2 and points[-2][0] < points[-1][0] and points[-2][1] > 0 and points[-1][1] > 0:
+        (n0, y0), (n1, y1) = points[-2:]
+        return min(high, max(1.0, math.log(y1 / y0) / math.log(n1 / n0)))
+    return default
+
+
+def _ok_points(series: list[dict], n: int, column: str) -> list[tuple[int, float]]:
+    pts = []
+    for r in series:
+        if r["status"] == "ok" and int(r["seq_len"]) < n and r.get(column) not in (None, ""):
+            pts.append((int(r["seq_len"]), float(r[column])))
+    return sorted(pts)
+
+
+def predict_memory(c: BenchConfig, impl: Impl, series: list[dict]) -> tuple[float | None, str]:
+    """Bytes the job needs beyond nothing (inputs included), and where the figure
+    comes from: the series' measured peaks at smaller n, else the implementation's
+    estimate (None: it gives none)."""
+    pts = _ok_points(series, c.seq_len, "peak_mem_bytes")
+    if pts:
+        n1, m1 = pts[-1]
+        e = _exponent(pts, 2.0, high=2.0)  # attention needs at most quadratic memory
+        return m1 * (c.seq_len / n1) ** e + _inputs_bytes(c), f"from n={n1}, exponent {e:.1f}"
+    if impl.memory is None:
+        return None, ""
+    esize = torch.empty(0, dtype=c.torch_dtype()).element_size()
+    est = impl.memory(c.batch, c.heads, c.seq_len, c.head_dim, esize, c.pattern(), c.mode != "fwd")
+    return float(est) + _inputs_bytes(c), "estimate"
+
+
+def _predict_time(c: BenchConfig, series: list[dict]) -> str | None:
+    """Within one series, do not start what cannot finish: after an OOM or a time-budget
+    stop at a smaller n, or when the measured times predict a job over ``job_timeout_s``."""
+    for r in series:
+        if int(r["seq_len"]) >= c.seq_len:
+            continue
+        if r["status"] == "oom":
+            return f"over the memory budget: ran out of memory at seq_len={r['seq_len']}"
+        if r["status"] == "skipped" and str(r["reason"]).startswith("over the time budget"):
+            return f"over the time budget: already over it at seq_len={r['seq_len']}"
+    pts = _ok_points(series, c.seq_len, "time_ms_median")
+    if not pts:
+        return None
+    n1, t1 = pts[-1]
+    e = _exponent(pts, 2.0, high=2.5)
+    per_call = t1 * (c.seq_len / n1) ** e / 1e3
+    job = per_call * (4 + c.warmup + c.min_reps)  # first call, verification, warm-up, timed calls, memory
+    if job > c.job_timeout_s:
+        return (
+            f"over the time budget: predicted ~{job:.0f} s for this job (~{per_call:.1f} s a call, "
+            f"from n={n1}, exponent {e:.1f}) > job_timeout_s={c.job_timeout_s:g}"
+        )
+    return None
+
+
+def guard(c: BenchConfig, impl: Impl, series: list[dict]) -> tuple[str | None, float | None]:
+    """(the reason this job must not run, or None; the memory figure the guard used)."""
+    why = impl.unavailable_reason()
+    if why:
+        return f"unavailable: {why}", None
+    reasons = impl.not_supported_reasons(c.pattern(), device=c.device, dtype=c.torch_dtype(), backward=c.mode != "fwd")
+    if not reasons and impl.check is not None:
+        probe = torch.empty(c.batch, c.heads, c.seq_len, c.head_dim, dtype=c.torch_dtype(), device="meta")
+        reasons = impl.check(probe.requires_grad_(c.mode != "fwd"), c.pattern())
+    if reasons:
+        return "unsupported: " + "; ".join(reasons), None
+    need, source = predict_memory(c, impl, series)
+    budget = memory_budget(c)
+    if need is not None and need > budget:
+        return (
+            f"over the memory budget: needs ~{need / 2**30:.1f} GiB ({source}), budget {budget / 2**30:.1f} GiB",
+            need,
+        )
+    if impl.interpreted_on_cpu and c.device == "cpu" and not c.allow_slow and c.seq_len > c.interpreter_max_seq:
+        return (
+            f"over the time budget: Triton runs in its interpreter on the CPU; seq_len > "
+            f"{c.interpreter_max_seq} is skipped unless allow_slow=true"
+        ), need
+    return _predict_time(c, series), need
+
+
+# ---------------------------------------------------------------------- isolation
+def _echo(line: str) -> None:
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)
+    except ImportError:
+        print(line, file=sys.stderr)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the child and whatever it started
+    proc.wait()
+
+
+def _measure_isolated(c: BenchConfig, impl: Impl) -> dict:
+    """Measure in a fresh child process (:mod:`attnbench._worker`), stopped at
+    ``job_timeout_s`` and never outliving this process. Its log lines are shown as they
+    come; the row comes back as one JSON line on its stdout."""
+    env = dict(os.environ)
+    # large allocations through mmap, returned at free: the resident-set peak then counts
+    # what the call allocated, not what glibc kept from earlier steps
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    if c.threads is not None:
+        env["OMP_NUM_THREADS"] = str(c.threads)
+    env[WORKER_ENV] = str(os.getpid())
+    prep = spawn.get_preparation_data("attnbench-worker")  # sys.path, cwd, the main script
+    prep.pop("authkey", None)  # multiprocessing's own connections only; not ours to send
+    job = {"config": c, "impl": impl.name, "module": impl.module, "prep": prep, "log_level": log.getEffectiveLevel()}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _BOOT],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,  # its own process group: a stop reaches what it started
+    )
+    out: list[str] = []
+    tail: collections.deque[str] = collections.deque(maxlen=5)
+
+    def pump_out() -> None:
+        out.extend(line.decode(errors="replace") for line in proc.stdout)
+
+    def pump_err() -> None:
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip("\n")
+            tail.append(line)
+            _echo(line)
+
+    pumps = [threading.Thread(target=f, daemon=True) for f in (pump_out, pump_err)]
+    for t in pumps:
+        t.start()
+    try:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.write(json.dumps(sys.path).encode() + b"\n" + pickle.dumps(job))
+            proc.stdin.close()
+        rc = proc.wait(timeout=c.job_timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill(proc)
+        row = base_row(c)
+        row["status"] = "skipped"
+        row["reason"] = f"over the time budget: stopped after job_timeout_s={c.job_timeout_s:g} s"
+        return row
+    except BaseException:  # Ctrl-C, SIGTERM, ...: the child goes too
+        _kill(proc)
+        raise
+    for t in pumps:
+        t.join(timeout=5)
+    for line in reversed(out):
+        if line.startswith(ROW_MARK):
+            return json.loads(line[len(ROW_MARK) :])
+    row = base_row(c)
+    if rc in (-9, 137):
+        row["status"] = "oom"
+        row["reason"] = "killed by the operating system (SIGKILL), most likely out of memory"
+    else:
+        row["status"] = "error"
+        row["reason"] = f"worker exited with code {rc}: " + " | ".join(tail)[:500]
+    return row
+
+
+# ---------------------------------------------------------------------- measuring
+def _series_key(c: BenchConfig) -> tuple:
+    return (str(table_path(c)), c.impl, c.pattern(), c.dtype, c.mode, c.device, c.batch, c.heads, c.head_dim, c.threads)
+
+
+def _measure(c: BenchConfig, impl: Impl, series: list[dict]) -> dict:
+    why, need = guard(c, impl, series)
+    if why:
+        row = base_row(c)
+        row["status"], row["reason"] = "skipped", why
+    elif c.isolate:
+        row = _measure_isolated(c, impl)
+    else:
+        row = measure_here(c, impl)
+    row["mem_estimate_bytes"] = need
+    return row
+
+
+def measure(config: BenchConfig) -> dict:
+    """Guard, verify, time and profile one configuration; one result row (the keys of
+    :data:`attnbench.results.COLUMNS`). Never raises for a failing implementation: the
+    failure is the row's status. Raises ``ValueError`` for an invalid configuration."""
+    c = config.resolved()
+    _refuse_nested(c)
+    return _measure(c, get_impl(c.impl), [])
+
+
+def _refuse_nested(c: BenchConfig) -> None:
+    if c.isolate and os.environ.get(WORKER_ENV):
+        raise RuntimeError(
+            "attnbench: a measurement started while a worker process imported your script; "
+            "guard the script's own measurements with `if __name__ == '__main__':` (as multiprocessing requires)"
+        )
+
+
+def row_files_enabled(row_files: object) -> bool:
+    """Whether ``row_files`` (true, false or auto: inside a submitit job) means a file per row."""
+    v = str(row_files).strip().lower()
+    if v == "auto":
+        return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+    if v in ("true", "false"):
+        return v == "true"
+    raise ValueError(f"row_files={row_files!r}: unknown; choose one of: auto, true, false")
+
+
+def sweep(
+    configs: Iterable[BenchConfig],
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    on_row: Callable[[dict], None] | None = None,
+    history: dict | None = None,
+    row_files: bool | str = False,
+) -> list[dict]:
+    """Measure every configuration, writing each row as soon as it is measured: appended
+    to ``<results_dir>/<study>.csv``, or with ``row_files`` (true, or auto inside a
+    submitit job) to a file of its own in ``<results_dir>/<study>.rows/`` (merge them with
+    ``python -m attnbench.merge``). Every configuration is validated, and every
+    destination checked, before the first job runs. With ``resume``, what the table or its
+    row files already hold for this machine and these libraries is skipped (``error``
+    rows are tried again). A failing job is a row, never the end of the sweep."""
+    todo = [c.resolved() for c in configs]
+    impls = {c.impl: get_impl(c.impl) for c in todo}
+    use_row_files = row_files_enabled(row_files)
+
+    def destination(c: BenchConfig) -> Path:
+        return rows_dir(c) / "row.csv" if use_row_files else table_path(c)
+
+    for path in {destination(c) for c in todo}:
+        check_writable(path)
+    for c in todo:
+        _refuse_nested(c)
+    if resume:
+        finished: dict[Path, set] = {}
+        before = len(todo)
+        todo = [c for c in todo if identity(base_row(c)) not in finished.setdefault(table_path(c), done(c))]
+        if before > len(todo):
+            log.info("resume: %d of %d configuration(s) already measured here, skipped", before - len(todo), before)
+    history = HISTORY if history is None else history
+    bar = None
+    if progress and len(todo) > 1:
+        with contextlib.suppress(ImportError):
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc="attnbench", unit="job", file=sys.stderr)
+    rows = []
+    try:
+        for c in todo:
+            if bar is not None:
+                bar.set_postfix_str(f"{c.impl} n={c.seq_len} {c.dtype} {c.mode}")
+            series = history.setdefault(_series_key(c), [])
+            row = _measure(c, impls[c.impl], series)
+            series.append(row)
+            if use_row_files:
+                write_row_file(rows_dir(c), row)
+            else:
+                append_row(table_path(c), row)
+            rows.append(row)
+            if on_row:
+                on_row(row)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
+
+
+def expand(base: BenchConfig, grid: dict[str, Sequence]) -> list[BenchConfig]:
+    """The cartesian product of ``grid`` (field -> values) over ``base``; an unknown
+    field is a ``ValueError``."""
+    names = [f.name for f in dataclasses.fields(base)]
+    for k in grid:
+        if k not in names:
+            raise ValueError(f"sweep.{k}: unknown setting; a sweep varies one of: {', '.join(names)}")
+    keys = list(grid)
+    return [dataclasses.replace(base, **dict(zip(keys, vals))) for vals in itertools.product(*grid.values())]

@@ -1,0 +1,242 @@
+"""The command line (Hydra): every job validated before anything runs, one line and exit
+status 2 for a bad setting, sweeps, and what a run leaves behind."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnbench
+from attnbench.results import read_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("hydra") is None, reason="hydra-core is not installed: the command line needs it"
+)
+TINY = ["window=8", "heads=2", "head_dim=16", "device=cpu", "time_budget_s=0.05", "min_reps=2", "max_reps=5"]
+
+
+def _cli(args, cwd, timeout=300, module="attnbench"):
+    env = dict(os.environ, HYDRA_FULL_ERROR="1")
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def _written(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# ---------------------------------------------------------------------- bad settings, before anything runs
+BAD = [
+    ("impl=nope", ["impl='nope'", "chunked", "naive"]),
+    ("seq_len=0", ["seq_len=0", ">= 1"]),
+    ("seq_len=abc", ["seq_len='abc'", "int >= 1"]),
+    ("window=3", ["window=3", "even"]),
+    ("dtype=fp8", ["dtype='fp8'", "bf16"]),
+    ("mode=train", ["mode='train'", "fwd_bwd"]),
+    ("pattern=zigzag", ["pattern='zigzag'", "sliding"]),
+    ("experiment=nope", ["experiment='nope'", "scaling"]),
+    ("global_tokens=5 seq_len=4", ["global_tokens=(5,)", "seq_len=4"]),
+    ("threads=0", ["threads=0", "int >= 1"]),
+    ("max_reps=0", ["max_reps=0", "int >= 1"]),
+    ("seed=abc", ["seed='abc'", "int >= 0"]),
+    ("mem_budget_gb=-1", ["mem_budget_gb=-1", "> 0"]),
+    ("job_timeout_s=0", ["job_timeout_s=0", "> 0"]),
+    ("resume=maybe", ["resume='maybe'", "true or false"]),
+    ("isolate=maybe", ["isolate='maybe'", "auto, true, false"]),
+    ("verify=maybe", ["verify='maybe'", "true or false"]),
+    ("row_files=maybe", ["row_files='maybe'", "auto, true, false"]),
+    ("+foo=1", ["foo: unknown setting", "seq_len"]),
+    ("foo=1", ["foo: unknown setting", "seq_len"]),
+    ("sweep.foo=[1]", ["sweep.foo: unknown setting", "seq_len"]),
+    ("study=a/b", ["study='a/b'", "results_dir="]),
+]
+
+
+@pytest.mark.parametrize("arg, words", BAD, ids=[a for a, _ in BAD])
+def test_bad_setting_is_one_line_before_anything_runs(tmp_path, monkeypatch, arg, words):
+    from attnbench.__main__ import _normalise, precheck
+
+    monkeypatch.chdir(tmp_path)
+    err = precheck([*(_normalise(a) for a in arg.split()), f"results_dir={tmp_path / 'r'}"])
+    assert err is not None and "\n" not in err
+    assert all(w in err for w in words), err
+    assert _written(tmp_path) == []
+
+
+def test_cuda_asked_for_where_there_is_none(tmp_path, monkeypatch):
+    from attnbench.__main__ import precheck
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    monkeypatch.chdir(tmp_path)
+    err = precheck(["device=cuda", "experiment=scaling"])
+    assert err.startswith("device='cuda': no CUDA device here") and "choose auto or cpu" in err
+    assert _written(tmp_path) == []
+
+
+def test_every_job_of_a_multirun_is_checked_first(tmp_path):
+    """The third value is valid, the second is not: nothing runs, nothing is written."""
+    r = _cli(["-m", "impl=chunked", "seq_len=256", "dilation=1,0,2", *TINY, f"results_dir={tmp_path}"], tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "attnbench: dilation=0: must be an int >= 1 or a tuple of per-head ints >= 1"
+    assert _written(tmp_path) == []
+
+
+@pytest.mark.parametrize("arg", ["impl=nope", "seq_len=abc", "+foo=1"])
+def test_cli_bad_override_exits_2_with_one_line(tmp_path, arg):
+    r = _cli([arg, f"results_dir={tmp_path}/r"], tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("attnbench: "), r.stderr
+    assert _written(tmp_path) == []
+
+
+# ---------------------------------------------------------------------- runs
+def test_a_run_shows_its_steps_and_leaves_only_its_results(tmp_path):
+    """global_tokens=0 is one global token at position 0; study=x-{device} as the README
+    writes it; the steps show as they happen; no outputs/ folder, no log file."""
+    r = _cli(["impl=chunked", "seq_len=64", "global_tokens=0", "study=x-{device}", *TINY], tmp_path)
+    assert r.returncode == 0, r.stderr
+    (row,) = read_rows(tmp_path / "results" / "x-cpu.csv")
+    assert (row["pattern"], row["global_tokens"], row["global_positions"], row["status"]) == ("w8 g1", "1", "0", "ok")
+    assert _written(tmp_path) == ["results", "results/x-cpu.csv"]
+    for step in ("first call", "verifying", "timing", "peak memory"):
+        assert f"chunked n=64 fp32 fwd: {step}" in r.stderr
+    header, line = r.stdout.splitlines()[:2]
+    assert "verified" in header and " exact " in line
+
+
+def test_cli_sweep_end_to_end(tmp_path):
+    args = ["-m", "impl=naive,chunked", "seq_len=64,96", *TINY, "study=cli", f"results_dir={tmp_path}"]
+    r = _cli(args, tmp_path)
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "cli.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((x["impl"], x["seq_len"]) for x in rows) == [
+        ("chunked", "64"),
+        ("chunked", "96"),
+        ("naive", "64"),
+        ("naive", "96"),
+    ]
+    assert all(x["status"] == "ok" for x in rows), [x["reason"] for x in rows]
+
+
+def test_multirun_jobs_get_the_predictive_guard(tmp_path):
+    """Jobs of a -m sweep run one after another in one process: the last is skipped
+    because the first two predict it too long, not stopped after job_timeout_s."""
+    args = ["-m", "impl=loop", "seq_len=128,256,65536", "heads=12", "head_dim=64", "window=64", "device=cpu"]
+    args += ["job_timeout_s=3", "isolate=false", "min_reps=1", "max_reps=2", "warmup=0", "time_budget_s=0.05"]
+    r = _cli([*args, "study=g", f"results_dir={tmp_path}"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = read_rows(tmp_path / "g.csv")
+    assert [x["status"] for x in rows] == ["ok", "ok", "skipped"], [x["reason"] for x in rows]
+    assert "predicted" in rows[2]["reason"]
+
+
+def test_cli_internal_sweep_and_pattern_group(tmp_path):
+    args = ["pattern=dilated", *TINY, "sweep.seq_len=[40,50]", "study='s_{device}'", f"results_dir={tmp_path}"]
+    r = _cli(args, tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = read_rows(tmp_path / "s_cpu.csv")
+    assert [x["seq_len"] for x in rows] == ["40", "50"] and all(x["dilation"] == "2" for x in rows)
+    assert "chunked" in r.stdout and "results:" in r.stdout
+
+
+def test_ctrl_c_stops_cleanly(tmp_path):
+    """An interrupt ends the run with a line, not a traceback, and takes the measuring child with it."""
+    args = ["impl=loop", "seq_len=16384", "device=cpu", f"results_dir={tmp_path}"]
+    p = subprocess.Popen([sys.executable, "-m", "attnbench", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        for line in p.stderr:  # wait until the child measures
+            if "loop n=16384 fp32 fwd: first call" in line:
+                break
+        children = [c for c in _children(p.pid)]
+        assert children, "no measuring child"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert all(not Path(f"/proc/{c}").exists() for c in children)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def test_every_config_group_composes():
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from attnbench.__main__ import CONFIG_MODULE, GROUPS, _group_options, build_configs, register_schema
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        for group in GROUPS:
+            for option in _group_options(group):
+                c = compose("config", overrides=[f"{group}={option}", "device=cpu"])
+                configs, _, _ = build_configs(OmegaConf.to_container(c, resolve=True))
+                assert configs, (group, option)
+    GlobalHydra.instance().clear()
+
+
+def test_cli_help_explains():
+    r = subprocess.run([sys.executable, "-m", "attnbench", "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "python -m attnbench experiment=scaling" in r.stdout and "seq_len" in r.stdout
+
+
+# ---------------------------------------------------------------------- packaging
+def test_installed_wheel_runs_from_any_folder(tmp_path):
+    """The wheel holds the implementations and the configs inside the package (nothing
+    top-level besides attnbench), and its command line runs outside the checkout."""
+    src = tmp_path / "src"  # what the package is built from, without an earlier build's leftovers
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("attnbench", "impls", "conf"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    built = subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "w"), str(src)],
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    if built.returncode != 0 and "No module named" in built.stderr:
+        pytest.skip(f"cannot build a wheel here: {built.stderr.strip().splitlines()[-1]}")
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "w").glob("attnbench-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, timeout=300)
+    assert sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info")) == ["attnbench"]
+    assert (site / "attnbench" / "impls" / "_banded.cu").is_file()
+    assert (site / "attnbench" / "conf" / "pattern" / "sliding.yaml").is_file()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(site))
+    r = subprocess.run([sys.executable, "-m", "attnbench", "impl=chunked", "seq_len=512", "pattern=global", *TINY],
+                       cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (row,) = read_rows(elsewhere / "results" / "default.csv")
+    assert row["status"] == "ok" and row["pattern"] == "w8 g1"
+    probe = "import attnbench, attnbench.impls; print(attnbench.__file__); print(attnbench.impls.__file__)"
+    where = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert all(line.startswith(str(site)) for line in where.stdout.split()), where.stdout
+    assert attnbench.__file__  # the checkout's own stays importable here

@@ -1,0 +1,322 @@
+"""The measurement pipeline and the sweep: statuses, guards, isolation, resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnbench
+from attnbench import Pattern
+from attnbench import measure as measure_mod
+from attnbench.config import BenchConfig
+from attnbench.results import COLUMNS, base_row, format_rows, read_rows
+from attnbench.sweep import measure, predict_memory, sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = dict(seq_len=64, window=8, heads=2, head_dim=16, device="cpu", time_budget_s=0.05, min_reps=2, max_reps=5)
+
+
+def cfg(tmp_path, **kw) -> BenchConfig:
+    return BenchConfig(**{**TINY, "results_dir": str(tmp_path), "study": "t", "isolate": False, **kw})
+
+
+def naive(q, k, v, p, s):
+    return attnbench.get_impl("naive").fn(q, k, v, p, s)
+
+
+def test_ok_row_has_every_column_and_true_flops(tmp_path):
+    row = measure(cfg(tmp_path, impl="chunked", global_tokens=(0,)))
+    assert row["status"] == "ok", row["reason"]
+    assert set(COLUMNS) <= set(row)
+    assert row["verified"] == "exact" and row["max_abs_err"] < 1e-4 and row["max_abs_err"] <= row["tol"]
+    assert row["n_timed"] >= 2 and 0 < row["time_ms_min"] <= row["time_ms_median"]
+    assert row["flops"] == 4 * 16 * Pattern(8, global_tokens=(0,)).pairs(64, 2) * 1
+    assert row["peak_mem_bytes"] >= 0 and row["first_call_ms"] > 0
+
+
+def test_the_inputs_are_drawn_once_per_job(tmp_path, monkeypatch):
+    """Verification, timing and memory share one set of inputs."""
+    built = []
+    real = measure_mod.Case.build.__func__
+
+    def counting(cls, c, impl):
+        built.append(c.seq_len)
+        return real(cls, c, impl)
+
+    monkeypatch.setattr(measure_mod.Case, "build", classmethod(counting))
+    row = measure(cfg(tmp_path, impl="chunked", mode="fwd_bwd"))
+    assert row["status"] == "ok", row["reason"]
+    assert built == [64]
+
+
+def test_wrong_result_gets_no_time(tmp_path, throwaway):
+    throwaway("off_by_a_bit", lambda q, k, v, p, s: q * 0.5)
+    row = measure(cfg(tmp_path, impl="off_by_a_bit"))
+    assert row["status"] == "wrong" and "max abs diff" in row["reason"] and "> tol" in row["reason"]
+    assert row["time_ms_median"] is None and row["peak_mem_bytes"] is None
+
+
+def test_wrong_gradient_is_caught(tmp_path, throwaway):
+    class BadGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * g
+
+    throwaway("bad_grad", lambda q, k, v, p, s: BadGrad.apply(naive(q, k, v, p, s)))
+    row = measure(cfg(tmp_path, impl="bad_grad", mode="fwd_bwd"))
+    assert row["status"] == "wrong" and "gradient" in row["reason"]
+
+
+def test_non_finite_output_is_wrong(tmp_path, throwaway):
+    def one_nan(q, k, v, p, s):
+        out = naive(q, k, v, p, s)
+        out[0, 0, 3, 0] = float("nan")
+        return out
+
+    throwaway("one_nan", one_nan)
+    row = measure(cfg(tmp_path, impl="one_nan"))
+    assert row["status"] == "wrong" and "1 non-finite value(s) where the reference is finite" in row["reason"]
+
+
+def test_error_and_oom_are_rows(tmp_path, throwaway):
+    def boom(q, k, v, p, s):
+        raise RuntimeError("kernel exploded")
+
+    def oom(q, k, v, p, s):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80 GiB")
+
+    def cpu_oom(q, k, v, p, s):  # what torch's CPU allocator raises
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
+
+    throwaway("boom", boom)
+    throwaway("oomer", oom)
+    throwaway("cpu_oomer", cpu_oom)
+    configs = [cfg(tmp_path, impl=i) for i in ("boom", "oomer", "cpu_oomer", "chunked")]
+    rows = sweep(configs, progress=False)
+    assert [r["status"] for r in rows] == ["error", "oom", "oom", "ok"]  # the sweep survived each
+    assert "kernel exploded" in rows[0]["reason"] and "can't allocate memory" in rows[2]["reason"]
+    assert len(read_rows(tmp_path / "t.csv")) == 4
+
+
+def test_cpu_oom_stops_its_series(tmp_path, throwaway):
+    throwaway("cpu_oomer", lambda *a: (_ for _ in ()).throw(RuntimeError("DefaultCPUAllocator: can't allocate memory")))
+    rows = sweep([cfg(tmp_path, impl="cpu_oomer", seq_len=n) for n in (32, 64)], progress=False, history={})
+    assert [r["status"] for r in rows] == ["oom", "skipped"]
+    assert rows[1]["reason"] == "over the memory budget: ran out of memory at seq_len=32"
+
+
+def test_unsupported_and_unavailable_are_skipped_with_reasons(tmp_path, throwaway):
+    throwaway("no_dilation", features=("backward",))
+    row = measure(cfg(tmp_path, impl="no_dilation", dilation=2, causal=True))
+    assert row["status"] == "skipped"
+    assert "feature 'dilation' not supported" in row["reason"] and "'causal'" in row["reason"]
+    throwaway("missing_pkg", probe=lambda: "needs the 'zzz' package (not installed)")
+    row = measure(cfg(tmp_path, impl="missing_pkg"))
+    assert row["status"] == "skipped" and row["reason"].startswith("unavailable: needs the 'zzz'")
+
+
+def test_memory_guard_skips_naive_at_32k(tmp_path):
+    row = measure(cfg(tmp_path, impl="naive", seq_len=32768, heads=12, head_dim=64, window=512, mem_budget_gb=20))
+    assert row["status"] == "skipped"
+    assert row["reason"].startswith("over the memory budget: needs ~") and "GiB (estimate)" in row["reason"]
+    assert row["mem_estimate_bytes"] > 12 * 32768**2 * 4
+
+
+def test_memory_prediction_follows_the_series_measured_peaks():
+    """Measured peaks at smaller n predict the next (exponent from the last two), in place
+    of the implementation's estimate."""
+    c = BenchConfig(impl="naive", seq_len=8192, heads=12, head_dim=64, device="cpu").resolved()
+    impl = attnbench.get_impl("naive")
+    series = [dict(status="ok", seq_len=n, peak_mem_bytes=m) for n, m in ((2048, 1e9 / 16), (4096, 1e9 / 4))]
+    need, source = predict_memory(c, impl, series)
+    inputs = 3 * 12 * 8192 * 64 * 4
+    assert source == "from n=4096, exponent 2.0" and need == pytest.approx(1e9 + inputs)
+    estimate, source = predict_memory(c, impl, [])
+    assert source == "estimate" and estimate > need  # the estimate is the cautious one
+
+
+def test_hang_is_stopped_and_recorded(tmp_path):
+    # loop at this size takes far longer than the 4 s allowed: the child is stopped
+    row = measure(
+        cfg(tmp_path, impl="loop", seq_len=16384, heads=12, window=512, head_dim=64, isolate=True, job_timeout_s=4)
+    )
+    assert row["status"] == "skipped" and "stopped after job_timeout_s=4" in row["reason"]
+
+
+def test_peak_memory_is_real(tmp_path):
+    """naive at n=2048 fp32 holds at least one (B, H, n, n) fp32 score tensor; chunked far less."""
+    common = dict(seq_len=2048, heads=12, head_dim=64, window=64, dtype="fp32", isolate=True, max_reps=1, min_reps=1)
+    naive_row = measure(cfg(tmp_path, impl="naive", **common))
+    chunked = measure(cfg(tmp_path, impl="chunked", **common))
+    assert naive_row["status"] == chunked["status"] == "ok", (naive_row["reason"], chunked["reason"])
+    assert naive_row["peak_mem_bytes"] >= 1 * 12 * 2048**2 * 4
+    assert chunked["peak_mem_bytes"] * 5 < naive_row["peak_mem_bytes"]
+
+
+def test_invalid_config_is_refused_before_anything_runs(tmp_path):
+    for bad, match in [
+        (dict(impl="nope"), "choose one of"),
+        (dict(seq_len=0), "seq_len=0"),
+        (dict(window=3), "window=3"),
+        (dict(dtype="fp8"), "dtype='fp8'"),
+        (dict(mode="train"), "mode='train'"),
+        (dict(global_tokens=(64,)), "0 <= g < seq_len=64"),
+        (dict(results_dir=str(tmp_path / "a_file" / "x")), "is not a folder"),
+    ]:
+        (tmp_path / "a_file").write_text("")
+        with pytest.raises(ValueError, match=match):
+            sweep([cfg(tmp_path, impl="chunked"), cfg(tmp_path, **bad)], progress=False)
+        assert not (tmp_path / "t.csv").exists()
+
+
+def test_unwritable_results_dir_is_found_before_measuring(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    c = cfg(tmp_path, impl="loop", results_dir=str(tmp_path / "file" / "results"))
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match=r"results_dir=.*file/results'.*is not a folder"):
+        sweep([c], progress=False)
+    assert time.perf_counter() - t0 < 2  # nothing was measured first
+
+
+def test_console_table_says_how_each_result_was_verified(tmp_path):
+    rows = sweep([cfg(tmp_path, impl="chunked")], progress=False)
+    text = format_rows(rows)
+    assert "verified" in text.splitlines()[0] and "max err" in text.splitlines()[0]
+    assert " exact " in text.splitlines()[1]
+
+
+# ---------------------------------------------------------------------- isolation
+SCRIPT = """
+import sys
+import attnbench
+from attnbench.config import BenchConfig
+from attnbench.sweep import measure
+
+@attnbench.register("mine", features=attnbench.FEATURES)
+def mine(q, k, v, pattern, scale):
+    {body}
+    return attnbench.get_impl("chunked").fn(q, k, v, pattern, scale)
+
+if __name__ == "__main__":
+    row = measure(BenchConfig(impl="mine", seq_len=64, window=8, heads=2, head_dim=16, device="cpu",
+                              time_budget_s=0.05, min_reps=2, max_reps=3, isolate=True, {extra}))
+    print("STATUS", row["status"], row["reason"])
+"""
+
+
+def _script(tmp_path, body="pass", extra="") -> Path:
+    path = tmp_path / "user_script.py"
+    path.write_text(textwrap.dedent(SCRIPT).format(body=body, extra=extra))
+    return path
+
+
+def test_an_implementation_registered_in_a_script_runs_isolated(tmp_path):
+    """The child process imports the user's script (as multiprocessing does) and finds
+    the implementation it registers."""
+    r = subprocess.run(
+        [sys.executable, str(_script(tmp_path))], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "STATUS ok" in r.stdout, r.stdout + r.stderr[-2000:]
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _gone(pid: int, within: float) -> bool:
+    end = time.time() + within
+    while time.time() < end:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":  # exited, not yet reaped by its (dead) parent's successor
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_the_measuring_child_dies_with_its_parent(tmp_path, how):
+    marker = tmp_path / "child.pid"
+    body = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    parent = subprocess.Popen([sys.executable, str(_script(tmp_path, body))], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        end = time.time() + 60
+        while not marker.exists() or not marker.read_text():
+            assert time.time() < end and parent.poll() is None, "the child never started"
+            time.sleep(0.1)
+        child = int(marker.read_text())
+        os.kill(parent.pid, how)
+        parent.wait(30)
+        assert _gone(child, 10), "the measuring child outlived its parent"
+    finally:
+        parent.kill()
+
+
+# ---------------------------------------------------------------------- resume
+def test_resume_skips_what_is_done(tmp_path):
+    configs = [cfg(tmp_path, impl="chunked", seq_len=n) for n in (32, 48)]
+    assert len(sweep(configs, progress=False)) == 2
+    assert sweep(configs + [cfg(tmp_path, impl="chunked", seq_len=80)], resume=True, progress=False)[0]["seq_len"] == 80
+    assert len(read_rows(tmp_path / "t.csv")) == 3
+
+
+def test_resume_measures_what_another_machine_measured_and_retries_errors(tmp_path, throwaway):
+    from attnbench.results import append_row
+
+    c = cfg(tmp_path, impl="chunked")
+    elsewhere = base_row(c.resolved())
+    elsewhere.update(status="ok", device_name="Another CPU (64 cores)", time_ms_median=1.0)
+    older_torch = base_row(c.resolved())
+    older_torch.update(status="ok", torch_version="2.6.0", time_ms_median=1.0)
+    append_row(tmp_path / "t.csv", elsewhere)
+    append_row(tmp_path / "t.csv", older_torch)
+    assert [r["status"] for r in sweep([c], resume=True, progress=False)] == ["ok"]  # measured here after all
+    assert sweep([c], resume=True, progress=False) == []  # now it is done here
+    flaky = {"calls": 0}
+
+    def fails_once(q, k, v, p, s):
+        flaky["calls"] += 1
+        if flaky["calls"] == 1:
+            raise RuntimeError("transient failure")
+        return naive(q, k, v, p, s)
+
+    throwaway("flaky", fails_once)
+    f = cfg(tmp_path, impl="flaky")
+    assert [r["status"] for r in sweep([f], resume=True, progress=False)] == ["error"]
+    assert [r["status"] for r in sweep([f], resume=True, progress=False)] == ["ok"]  # an error is tried again
+    assert sweep([f], resume=True, progress=False) == []
+
+
+def test_sweeps_of_one_process_share_the_predictive_guard(tmp_path):
+    """A multirun's jobs run one sweep each (Hydra's basic launcher): the guard still sees
+    the series measured by the jobs before."""
+    history: dict = {}
+    big = dict(heads=12, head_dim=64, window=64, job_timeout_s=3, min_reps=1, max_reps=2, warmup=0)
+    first = sweep([cfg(tmp_path, impl="loop", seq_len=n, **big) for n in (128, 256)], progress=False, history=history)
+    assert [r["status"] for r in first] == ["ok", "ok"]
+    (last,) = sweep([cfg(tmp_path, impl="loop", seq_len=65536, **big)], progress=False, history=history)
+    assert last["status"] == "skipped" and "predicted" in last["reason"], last["reason"]
