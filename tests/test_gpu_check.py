@@ -161,7 +161,9 @@ def _row(config, ms, peak):
     from attnbench.results import base_row
 
     row = base_row(dataclasses.replace(config, device="cpu").resolved())  # a CUDA row, made up on any machine
-    row.update(device="cuda", device_name="Made-up GPU", status="ok", time_ms_median=ms, peak_mem_bytes=peak, tflops=100.0)
+    row.update(
+        device="cuda", device_name="Made-up GPU", status="ok", time_ms_median=ms, peak_mem_bytes=peak, tflops=100.0
+    )
     return row
 
 
