@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup bench test lint scaling benchmark clean
+.PHONY: setup bench test lint mutation scaling benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+mutation: setup
+	$(VENV)/bin/python scripts/mutation_check.py
 
 scaling: setup
 	$(VENV)/bin/python -m attnbench experiment=scaling $(ARGS)

@@ -42,6 +42,20 @@ def assert_grads_ok(fn, q, k, v, pattern, what: str, scale: float | None = None,
         assert verdict.ok, str(verdict)
 
 
+class Nudge(torch.autograd.Function):
+    """``Nudge.apply(x, delta)``: the identity, whose gradient is off by ``delta`` (a
+    tensor like ``x``), for testing the gradient checks at their boundary."""
+
+    @staticmethod
+    def forward(ctx, x, delta):
+        ctx.delta = delta
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g + ctx.delta.to(g.device, g.dtype), None
+
+
 def impl_or_skip(name: str) -> attnbench.Impl:
     """The implementation if it runs on the test device here; else a skip with the reason."""
     im = attnbench.get_impl(name)

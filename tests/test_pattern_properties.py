@@ -41,14 +41,19 @@ def test_pairs_equals_mask_sum(case):
 @settings(max_examples=100, deadline=None)
 @given(patterns)
 def test_mask_matches_the_rule(case):
-    """The mask equals the rule in the docstring, evaluated pair by pair."""
+    """The mask equals the rule in the docstring, evaluated pair by pair from the
+    pattern's own fields (window, dilation, causal, global tokens), never from the
+    properties the implementations read (offset_range, dilations)."""
     p, n, heads = case
     m = p.mask(n, heads=heads)
-    lo, hi = p.offset_range
-    g = set(p.global_tokens)
-    for h, d in enumerate(p.dilations(heads)):
+    w, g = p.window, set(p.global_tokens)
+    dils = p.dilation if isinstance(p.dilation, tuple) else (p.dilation,) * heads
+    for h, d in enumerate(dils):
         for i in range(n):
             for j in range(n):
-                in_win = (j - i) % d == 0 and lo <= (j - i) // d <= hi
+                if p.causal:  # the w keys to the left, every d-th
+                    in_win = any(j == i - d * c for c in range(0, w + 1))
+                else:  # w/2 on each side, every d-th
+                    in_win = any(j == i + d * c for c in range(-(w // 2), w // 2 + 1))
                 want = (in_win or i in g or j in g) and (not p.causal or j <= i)
                 assert bool(m[h, i, j]) == want, (p, n, h, i, j)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import rand_qkv
+from conftest import Nudge, rand_qkv
 
 import attnbench
 from attnbench import Pattern
-from attnbench.verify import ATOL, FACTOR, check_output, judge, tolerance
+from attnbench.verify import ATOL, FACTOR, MEAN_ATOL, MEAN_FACTOR, check_grads, check_output, judge, tolerance
 
 
 def _nan_rows(t: torch.Tensor) -> list[int]:
@@ -53,15 +53,64 @@ def test_with_finite_inputs_every_output_is_finite():
     assert not verdict.ok and str(verdict).endswith("1 non-finite value(s) where the reference is finite")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_tolerance_is_the_control_error_times_the_factor_plus_the_floor(dtype):
-    ref = torch.zeros(100, dtype=torch.float64)
-    control = torch.full((100,), 1e-4, dtype=torch.float64)
-    tol = tolerance(dtype, 1e-4)
-    assert tol == FACTOR * 1e-4 + ATOL[attnbench.dtypes.dtype_name(dtype)]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_largest_error_is_bounded_at_its_boundary(dtype):
+    """One entry off by 0.5x the tolerance passes, by 1.5x fails."""
+    ref = torch.zeros(1000, dtype=torch.float64)
+    control = torch.full((1000,), 1e-4, dtype=torch.float64)
+    tol, mean_tol = tolerance(dtype, 1e-4, 1e-4)
+    name = attnbench.dtypes.dtype_name(dtype)
+    assert (tol, mean_tol) == (FACTOR * 1e-4 + ATOL[name], MEAN_FACTOR * 1e-4 + MEAN_ATOL[name])
     for scale, ok in ((0.5, True), (1.5, False)):
-        got = torch.zeros(100, dtype=dtype)
+        got = torch.zeros(1000, dtype=dtype)
         got[3] = scale * tol
         verdict = judge(got, ref, control)
-        err = got[3].double().item()  # what the dtype could hold of scale * tol
-        assert verdict.max_err == pytest.approx(err) and verdict.tol == tol and verdict.ok is ok, str(verdict)
+        assert verdict.max_err == pytest.approx(got[3].double().item()) and verdict.ok is ok, str(verdict)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_mean_error_is_bounded_at_its_boundary(dtype):
+    """Every entry off by 0.5x the mean tolerance passes, by 1.5x fails: a bias too small
+    for the largest error to show."""
+    ref = torch.full((1000,), 0.25, dtype=torch.float64)
+    control = ref + torch.linspace(-1e-3, 1e-3, 1000, dtype=torch.float64)  # mean 5e-4, max 1e-3
+    tol, mean_tol = tolerance(dtype, 1e-3, judge(ref, ref, control).control_mean)
+    for scale, ok in ((0.5, True), (1.5, False)):
+        got = (ref + scale * mean_tol).to(dtype)
+        verdict = judge(got, ref, control)
+        assert verdict.max_err < tol
+        err = (got.double() - ref).abs().mean().item()  # what the dtype could hold of it
+        assert verdict.mean_err == pytest.approx(err) and verdict.ok is (err <= mean_tol), str(verdict)
+        if dtype in (torch.float64, torch.float32):  # bf16 and fp16 round 0.25 + a tiny bias
+            assert verdict.ok is ok
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradients_are_bounded_at_their_boundary(dtype):
+    p = Pattern(4, global_tokens=(3,))
+    q, k, v = rand_qkv(1, 2, 20, 8, dtype)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def naive(delta):
+        return lambda a, b, c: attnbench.attention(Nudge.apply(a, delta), b, c, p, impl="naive")
+
+    no_nudge = torch.zeros(q.shape, dtype=torch.float64)
+    tol = check_grads(naive(no_nudge), q, k, v, p, dout)[0].tol  # dq's
+    for scale, ok in ((0.5, True), (1.5, False)):
+        delta = no_nudge.clone()
+        delta[0, 1, 7, 2] = scale * tol
+        dq, dk, dv = check_grads(naive(delta), q, k, v, p, dout)
+        assert dq.ok is ok and dk.ok and dv.ok, (str(dq), scale)
+
+
+def test_a_one_percent_bias_in_bf16_fails():
+    """Below bf16's largest rounding error, but not below its mean."""
+    for p in (Pattern(8), Pattern(6, 2, True, (0, 50)), Pattern(256)):
+        q, k, v = rand_qkv(1, 2, 97, 32, torch.bfloat16)
+        out = attnbench.attention(q, k, v, p, impl="chunked")
+        assert check_output(out, q, k, v, p).ok
+        verdict = check_output((out.double() * 1.01).to(torch.bfloat16), q, k, v, p)
+        assert not verdict.ok and "mean abs diff" in str(verdict), str(verdict)
