@@ -36,6 +36,15 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="attnbench_schema", node=RunConfig)
     if not OmegaConf.has_resolver("range"):
         OmegaConf.register_new_resolver("range", lambda a, b: list(range(int(a), int(b))))
+    if not OmegaConf.has_resolver("by_device"):  # ${by_device:${device},<cpu value>,<cuda value>}
+        OmegaConf.register_new_resolver("by_device", _by_device)
+
+
+def _by_device(device: str, on_cpu: object, on_cuda: object) -> object:
+    import torch
+
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return on_cuda if cuda else on_cpu
 
 
 def build_configs(d: dict) -> tuple[list[BenchConfig], bool, object]:
@@ -165,6 +174,12 @@ def _task(cfg) -> None:
     rows = sweep(configs, resume=resume, row_files=use_files)
     if rows:
         print(format_rows(rows))
+    profiled = [r for r in rows if r.get("profile")]
+    if len({r["impl"] for r in profiled}) > 1 and not use_files:  # several implementations: their breakdown
+        from .profile import write_breakdown
+
+        for p in write_breakdown(profiled, table_path(configs[0])) or ():
+            print(f"breakdown: {p}")
     for p in sorted({str(rows_dir(c) if use_files else table_path(c)) for c in configs}):
         print(f"rows: {p}/ (into the table: python -m attnbench.merge {p})" if use_files else f"results: {p}")
 

@@ -65,6 +65,7 @@ class BenchConfig:
     interpreter_max_seq: int = 256  # Triton's interpreter on the CPU: larger n is skipped ...
     allow_slow: bool = False  # ... unless allowed
     isolate: Any = "auto"  # a child process per job: auto (= true), true or false
+    profile: bool = False  # one more call under torch.profiler: results/profiles/<study>/...
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -244,6 +245,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "interpreter_max_seq": _int(1),
     "allow_slow": _bool,
     "isolate": _choice(ISOLATE),
+    "profile": _bool,
     "resume": _bool,
     "row_files": _choice(ISOLATE),
     "sweep": _any,

@@ -1,6 +1,6 @@
 """One measurement in this process, as a one-way pipeline:
 
-    case -> first call -> verify -> time -> memory -> row
+    case -> first call -> verify -> time -> memory -> (profile) -> row
 
 given a resolved :class:`~attnbench.config.BenchConfig` and the resolved
 :class:`~attnbench.registry.Impl`. The inputs are drawn once, on the device, and every
@@ -20,6 +20,8 @@ step uses them. The guards (should this run at all?) and the process isolation l
    allocated before the call; CPU the resident-set high-water mark, reset just before
    the call, minus the resident set before it (exact in a fresh process with large
    allocations mmapped, which the sweep's isolation arranges).
+5. **profile** (``profile=true``): one more call under ``torch.profiler``, its trace,
+   operator table and memory timeline written beside the results (:mod:`attnbench.profile`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import torch
 
 from .config import BenchConfig
 from .pattern import Pattern
+from .profile import profile_call, profile_dir
 from .reference import default_scale
 from .registry import Impl, UnsupportedError
 from .results import base_row
@@ -300,6 +303,10 @@ def measure_here(c: BenchConfig, impl: Impl) -> dict:
             _trim()
             log.info("%s: peak memory", label)
             row.update(peak_memory(case))
+        if c.profile:  # after every timed call: no timed call runs under a profiler
+            log.info("%s: profiling", label)
+            fn, setup = case.runner()
+            row.update(profile_call(fn, setup, case.q.device, profile_dir(row, c.results_dir), label))
         row["tflops"] = row["flops"] / (row["time_ms_median"] * 1e-3) / 1e12
         tunables = case.impl.last_call().get("tunables")
         row["tunables"] = json.dumps(tunables, sort_keys=True) if tunables else ""

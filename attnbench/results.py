@@ -66,7 +66,8 @@ COLUMNS = [
     "time_ms_median", "time_ms_iqr", "time_ms_min", "first_call_ms", "setup_ms", "n_timed",
     "peak_mem_bytes", "mem_estimate_bytes", "flops", "tflops",
     "verified", "max_abs_err", "mean_abs_err", "tol", "grad_max_abs_err",
-    "tunables", "threads", "torch_version", "triton_version", "cupy_version", "git_commit", "host", "timestamp",
+    "tunables", "profile",
+    "threads", "torch_version", "triton_version", "cupy_version", "git_commit", "host", "timestamp",
 ]  # fmt: skip
 
 #: what makes two rows the same measurement: the configuration, the kind of device and
@@ -221,10 +222,10 @@ def check_writable(path: Path) -> None:
             raise ValueError(f"{path}: not writable; choose another results_dir= or study=")
         with open(path, newline="") as f:
             header = next(csv.reader([f.readline()]), [])
-        missing = [k for k in COLUMNS if k not in header]
-        if missing:
+        missing = [k for k in IDENTITY if k not in header]
+        if missing:  # newer columns are added when a row is appended; these say what was measured
             raise ValueError(
-                f"{path}: its header lacks columns {missing} (written by another version); "
+                f"{path}: not a results table of this attnbench (its header lacks {missing}); "
                 "use another study= or move the file away"
             )
 
@@ -269,11 +270,14 @@ def append_row(path: str | Path, row: Mapping) -> None:
             keep = _drop_cut_line(data, path)
             if keep < len(data):
                 f.truncate(keep)
-            if keep == 0:
-                header = COLUMNS
-                f.write(_line(dict(zip(COLUMNS, COLUMNS)), COLUMNS))
-            else:
-                header = next(csv.reader([data.split(b"\n", 1)[0].decode()]))
+            header = next(csv.reader([data.split(b"\n", 1)[0].decode()])) if keep else []
+            if not header or any(k not in header for k in COLUMNS):  # new, or written before a column existed
+                old = _frame(data[:keep], path)
+                header = COLUMNS + [k for k in old.columns if k not in COLUMNS]
+                f.seek(0)
+                f.truncate()
+                f.write(_line(dict(zip(header, header)), header))
+                f.write(b"".join(_line(r, header) for r in old.to_dict("records")))
             f.write(_line(row, header))
             f.flush()
             os.fsync(f.fileno())

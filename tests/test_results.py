@@ -69,6 +69,18 @@ def test_a_cut_off_last_line_is_dropped_not_glued(tmp_path, caplog):
     assert list(table["seq_len"]) == [32, 64] and list(table.columns) == COLUMNS
 
 
+def test_a_table_from_before_a_column_existed_gains_it(tmp_path):
+    path = tmp_path / "t.csv"
+    older = [c for c in COLUMNS if c != "profile"]
+    append_row(path, _row(seq_len=32))
+    table = pd.read_csv(path)[older]
+    table.to_csv(path, index=False)  # as an earlier version wrote it
+    check_writable(path)
+    append_row(path, _row(seq_len=64, profile="results/profiles/t/x"))
+    back = read_table(path)
+    assert list(back.columns) == COLUMNS and list(back["profile"]) == ["", "results/profiles/t/x"]
+
+
 def test_rows_are_one_line_each(tmp_path):
     append_row(tmp_path / "t.csv", _row(status="error", reason="RuntimeError: line one\nline two"))
     text = (tmp_path / "t.csv").read_text()
@@ -79,10 +91,10 @@ def test_check_writable_refuses_before_writing(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="is not a folder"):
         check_writable(tmp_path / "file" / "sub" / "t.csv")
-    old = tmp_path / "old.csv"
-    old.write_text("study,impl,seq_len,status\nx,chunked,64,ok\n")
-    with pytest.raises(ValueError, match="its header lacks columns"):
-        check_writable(old)
+    other = tmp_path / "other.csv"
+    other.write_text("name,value\nx,1\n")
+    with pytest.raises(ValueError, match="not a results table of this attnbench"):
+        check_writable(other)
     check_writable(tmp_path / "new" / "deeper" / "t.csv")
     assert not (tmp_path / "new").exists()  # the check wrote nothing
 
