@@ -24,7 +24,7 @@ bench: setup
 	$(VENV)/bin/python -m attnbench $(ARGS)
 
 test: setup
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 $(PYTEST_ARGS) tests
 	$(VENV)/bin/python -m pytest -q --nbmake notebooks
 
 lint: setup

@@ -13,6 +13,7 @@ configurations to :func:`attnbench.sweep.sweep`.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import signal
 import sys
@@ -47,9 +48,11 @@ def _by_device(device: str, on_cpu: object, on_cuda: object) -> object:
     return on_cuda if cuda else on_cpu
 
 
-def build_configs(d: dict) -> tuple[list[BenchConfig], bool, object]:
-    """(resolved configurations, resume, row_files) from a composed configuration.
-    ``sweep.impl: all`` means every implementation available on the job's device."""
+def build_configs(d: dict, here: bool = True) -> tuple[list[BenchConfig], bool, object]:
+    """(configurations, resume, row_files) from a composed configuration, resolved for
+    this machine; with ``here=False`` (jobs that run on another machine) validated only,
+    ``device=auto`` and ``study=x-{device}`` left for the job's machine. ``sweep.impl: all``
+    means every implementation available on the job's device."""
     from .registry import available_impls, list_impls
     from .sweep import expand
 
@@ -60,12 +63,20 @@ def build_configs(d: dict) -> tuple[list[BenchConfig], bool, object]:
         raise ValueError(setting_error("resume", resume))
     base = BenchConfig.from_dict(d)
     if grid.get("impl") == ["all"]:
-        device = base.resolved().device
-        grid["impl"] = [im.name for im in available_impls(device)]
-        skipped = sorted(set(list_impls()) - set(grid["impl"]))
-        if skipped:
-            log.info("impl=all on %s: %s not available here (python -m attnbench.describe says why)", device, skipped)
-    return [c.resolved() for c in expand(base, grid)], resume, row_files
+        if not here:
+            grid["impl"] = list_impls()  # what runs is decided on the job's machine
+        else:
+            device = base.resolved().device
+            grid["impl"] = [im.name for im in available_impls(device)]
+            skipped = sorted(set(list_impls()) - set(grid["impl"]))
+            if skipped:
+                log.info(
+                    "impl=all on %s: %s not available here (python -m attnbench.describe says why)", device, skipped
+                )
+    configs = expand(base, grid)
+    for c in configs:
+        c.validate()
+    return [c.resolved() for c in configs] if here else configs, resume, row_files
 
 
 # ---------------------------------------------------------------------- the check before Hydra runs
@@ -91,8 +102,10 @@ def _explain(e: BaseException, job: list[str]) -> str:
     return " ".join(str(e).split())
 
 
-def precheck(argv: list[str]) -> str | None:
-    """Compose and validate every job of this command line; the first problem, or None."""
+def precheck(argv: list[str], planned: list[BenchConfig] | None = None) -> str | None:
+    """Compose and validate every job of this command line; the first problem, or None.
+    The configurations of jobs that write row files (a submitit launcher) are added to
+    ``planned``."""
     from hydra import compose, initialize_config_module
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -121,14 +134,17 @@ def precheck(argv: list[str]) -> str | None:
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         checked = set()
         for job in jobs:
+            remote = any(re.match(r"hydra/launcher=.*slurm", a) for a in job)  # jobs run on other machines
             try:
                 d = _container(compose("config", overrides=job))
-                configs, _, row_files = build_configs(d)
+                configs, _, row_files = build_configs(d, here=not remote)
                 files = row_files_enabled(_row_files_setting(row_files, job))
             except ValueError as e:
                 return str(e)
             except Exception as e:
                 return _explain(e, job)
+            if files and planned is not None:
+                planned.extend(configs)
             for c in configs:
                 path = rows_dir(c) / "row.csv" if files else table_path(c)
                 if path not in checked:
@@ -212,17 +228,34 @@ def main() -> None:
         raise SystemExit(2) from None
     register_schema()
     if not _NO_RUN.intersection(argv):
-        err = precheck(argv)
+        planned: list[BenchConfig] = []
+        err = precheck(argv, planned)
         if err:
             print(f"attnbench: {err}", file=sys.stderr)
             raise SystemExit(2)
+        if planned:  # jobs that write row files: what they were asked for, for the merge
+            from .merge import write_plan
+
+            for path in write_plan(planned):
+                print(f"plan: {path} ({len(planned)} configurations; python -m attnbench.merge lists what is missing)")
     sys.argv[1:] = argv
     signal.signal(signal.SIGTERM, _stop)
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # a launcher's errors reach main(), to be worded here
     try:
         hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(_task)()
     except KeyboardInterrupt:
         print("\nattnbench: interrupted; the rows measured so far are in the results table", file=sys.stderr)
         raise SystemExit(130) from None
+    except Exception as e:
+        if type(e).__name__ != "UncompletedJobError":  # submitit's: a job ended without a result
+            raise
+        what = " ".join(str(e).split("Error stream produced")[0].split())
+        print(
+            f"attnbench: {what}. The other jobs' rows are in their row files: python -m attnbench.merge <study> "
+            "merges them and lists what is missing, and the same command with resume=true measures it.",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ merges them, and any table already there, into ``<results_dir>/<study>.csv``::
     python -m attnbench.merge results/scaling-cuda-h100.rows # a rows folder (or a table .csv)
     python -m attnbench.merge 'scaling-*' --out results/scaling-all.csv
 
+A sweep submitted to a cluster also leaves a *plan*, ``<results_dir>/plans/*.csv``: the
+configurations it asked for, written before its jobs start. The merge lists those with
+no row yet (a job cancelled, killed by the scheduler or still running), which
+``resume=true`` then measures.
+
 Rows of the same measurement (:func:`attnbench.results.identity`: the configuration,
 the kind of device and the library versions) are merged into one, the newest
 (``timestamp``); the same configuration measured on two GPU types, or with two torch
@@ -21,15 +26,24 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as _dt
 import fnmatch
+import os
+import re
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .results import ROWS_SUFFIX, merge_into, read_rows, row_file_paths
+from .config import BenchConfig
+from .results import ROWS_SUFFIX, merge_into, normalise, positions_text, read_rows, read_table, row_file_paths
 
-__all__ = ["merge", "find_sources", "Source"]
+__all__ = ["merge", "find_sources", "Source", "write_plan", "missing"]
+
+#: what a plan entry says of a configuration (a value of "" or "auto" is left to the job's machine)
+PLAN_COLUMNS = ("study", "impl", "window", "dilation", "causal", "global_positions", "batch", "heads", "seq_len",
+                "head_dim", "dtype", "device", "mode")  # fmt: skip
 
 
 @dataclass
@@ -39,6 +53,63 @@ class Source:
     table: Path
     rows: Path
     row_files: list[Path] = field(default_factory=list)
+
+
+def write_plan(configs: Iterable[BenchConfig]) -> list[Path]:
+    """Record the configurations a cluster sweep asks for, before its jobs start: one CSV
+    file per results folder, ``<results_dir>/plans/<time>-<host>-<pid>.csv``. The
+    configurations are as given (``device=auto``, ``study=x-{device}`` are filled in on
+    the job's machine)."""
+    import pandas as pd
+
+    by_dir: dict[str, list[dict]] = {}
+    for c in configs:
+        p = c.pattern()
+        d = p.dilation
+        entry = {k: getattr(c, k) for k in ("study", "impl", "batch", "heads", "head_dim", "dtype", "device", "mode")}
+        entry.update(
+            window=p.window,
+            dilation="/".join(map(str, d)) if isinstance(d, tuple) else str(d),
+            causal=p.causal,
+            global_positions=positions_text(p.global_tokens),
+            seq_len="" if c.seq_len is None else c.seq_len,
+        )
+        by_dir.setdefault(c.results_dir, []).append(entry)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    written = []
+    for results_dir, entries in by_dir.items():
+        path = Path(results_dir) / "plans" / f"{stamp}-{socket.gethostname()}-{os.getpid()}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame(entries, columns=PLAN_COLUMNS).drop_duplicates().to_csv(path, index=False)
+        written.append(path)
+    return written
+
+
+def _planned_for(study: str, results_dir: Path) -> list[dict]:
+    """The plan entries of ``study`` (a name with ``{device}`` matches every device's)."""
+    out = []
+    for path in sorted((results_dir / "plans").glob("*.csv")):
+        for e in read_rows(path):
+            pattern = re.escape(e["study"]).replace(re.escape("{device}"), ".+")
+            if re.fullmatch(pattern, study):
+                out.append(e)
+    return out
+
+
+def missing(study: str, results_dir: Path, rows: Iterable[Mapping]) -> list[dict]:
+    """Plan entries of ``study`` that no row measures (on the columns the entry fixes)."""
+    rows = list(rows)
+    out = []
+    for e in _planned_for(study, results_dir):
+        fixed = {k: normalise(k, v) for k, v in e.items() if k != "study" and str(v) not in ("", "auto")}
+        if not any(all(normalise(k, r.get(k)) == v for k, v in fixed.items()) for r in rows) and e not in out:
+            out.append(e)
+    return out
+
+
+def _describe(e: Mapping) -> str:
+    keys = ("impl", "seq_len", "window", "dilation", "global_positions", "causal", "dtype", "device", "mode")
+    return " ".join(f"{k}={e[k]}" for k in keys if str(e.get(k)) not in ("", "auto", "False", "1", "None"))
 
 
 def _has_glob(s: str) -> bool:
@@ -113,6 +184,11 @@ def merge(
             + f"; {dropped} duplicates dropped)"
         )
         written[table] = after
+        absent = missing(table.stem, table.parent, read_table(table).to_dict("records"))
+        if absent:
+            log(f"{table}: {len(absent)} planned configuration(s) have no row yet (resume=true measures them):")
+            for e in absent[:20]:
+                log(f"  {_describe(e)}")
         if clean:
             for p in files:
                 with contextlib.suppress(FileNotFoundError):

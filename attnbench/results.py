@@ -118,7 +118,7 @@ def device_name(device: str) -> str:
     return platform.processor() or "cpu"
 
 
-def _positions(tokens: Sequence[int]) -> str:
+def positions_text(tokens: Sequence[int]) -> str:
     """Global positions, exactly, with runs as ranges: ``0-63 100``."""
     out, run = [], []
     for t in tokens:
@@ -152,7 +152,7 @@ def base_row(c: BenchConfig) -> dict:
         "dilation": "/".join(map(str, d)) if isinstance(d, tuple) else str(d),
         "causal": p.causal,
         "global_tokens": len(p.global_tokens),
-        "global_positions": _positions(p.global_tokens),
+        "global_positions": positions_text(p.global_tokens),
         "batch": c.batch,
         "heads": c.heads,
         "seq_len": c.seq_len,
@@ -172,7 +172,8 @@ def base_row(c: BenchConfig) -> dict:
     }
 
 
-def _norm(col: str, v: object) -> object:
+def normalise(col: str, v: object) -> object:
+    """A column's value as identity compares it: ints as ints, causal as a bool, the rest as text."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         v = ""
     if col in _INT_COLUMNS:
@@ -186,7 +187,7 @@ def _norm(col: str, v: object) -> object:
 def identity(row: Mapping) -> tuple:
     """The identity of a measurement (:data:`IDENTITY`), normalised so that a row read
     back from a CSV file equals the row as measured."""
-    return tuple(_norm(c, row.get(c)) for c in IDENTITY)
+    return tuple(normalise(c, row.get(c)) for c in IDENTITY)
 
 
 # ---------------------------------------------------------------------- where
