@@ -85,6 +85,22 @@ def test_cuda_asked_for_where_there_is_none(tmp_path, monkeypatch):
     assert _written(tmp_path) == []
 
 
+def test_jobs_bound_for_a_cluster_are_resolved_on_its_nodes(tmp_path, monkeypatch):
+    """A CPU login node may submit device=cuda jobs; the plan keeps auto and {device}."""
+    from attnbench.__main__ import _normalise, precheck
+
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="hydra-submitit-launcher is not installed")
+    monkeypatch.chdir(tmp_path)
+    planned = []
+    args = ["-m", "device=cuda", "impl=chunked,naive", "study=x-{device}", "hydra/launcher=attnbench_slurm"]
+    assert precheck([_normalise(a) for a in args], planned) is None
+    assert [(c.impl, c.device, c.dtype, c.study) for c in planned] == [
+        ("chunked", "cuda", "auto", "x-{device}"),
+        ("naive", "cuda", "auto", "x-{device}"),
+    ]
+    assert precheck(["-m", "device=cuda", "impl=nope", "hydra/launcher=attnbench_slurm"]).startswith("impl='nope'")
+
+
 def test_every_job_of_a_multirun_is_checked_first(tmp_path):
     """The third value is valid, the second is not: nothing runs, nothing is written."""
     r = _cli(["-m", "impl=chunked", "seq_len=256", "dilation=1,0,2", *TINY, f"results_dir={tmp_path}"], tmp_path)
