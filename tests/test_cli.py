@@ -149,15 +149,19 @@ def test_cli_sweep_end_to_end(tmp_path):
 
 
 def test_multirun_jobs_get_the_predictive_guard(tmp_path):
-    """Jobs of a -m sweep run one after another in one process: the last is skipped
-    because the first two predict it too long, not stopped after job_timeout_s."""
+    """Jobs of a -m sweep run one after another in one process and share the series'
+    history: the last is skipped on the strength of what the first ones measured, not
+    started (with isolate=false nothing would stop it before it ended, minutes later)."""
     args = ["-m", "impl=loop", "seq_len=128,256,65536", "heads=12", "head_dim=64", "window=64", "device=cpu"]
     args += ["job_timeout_s=3", "isolate=false", "min_reps=1", "max_reps=2", "warmup=0", "time_budget_s=0.05"]
     r = _cli([*args, "study=g", f"results_dir={tmp_path}"], tmp_path)
     assert r.returncode == 0, r.stderr
     rows = read_rows(tmp_path / "g.csv")
-    assert [x["status"] for x in rows] == ["ok", "ok", "skipped"], [x["reason"] for x in rows]
-    assert "predicted" in rows[2]["reason"]
+    assert rows[0]["status"] == "ok" and len(rows) == 3, [x["reason"] for x in rows]
+    # the last is predicted from the rows the earlier jobs measured (time or memory, by the
+    # machine's speed; on a loaded machine the second may be already): it never starts
+    assert rows[2]["status"] == "skipped" and "from n=" in rows[2]["reason"], rows[2]["reason"]
+    assert rows[1]["status"] == "ok" or "from n=128" in rows[1]["reason"], rows[1]["reason"]
 
 
 def test_cli_internal_sweep_and_pattern_group(tmp_path):

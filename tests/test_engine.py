@@ -367,7 +367,7 @@ def test_sweeps_of_one_process_share_the_predictive_guard(tmp_path):
     the series measured by the jobs before."""
     history: dict = {}
     big = dict(heads=12, head_dim=64, window=64, job_timeout_s=3, min_reps=1, max_reps=2, warmup=0)
-    first = sweep([cfg(tmp_path, impl="loop", seq_len=n, **big) for n in (128, 256)], progress=False, history=history)
-    assert [r["status"] for r in first] == ["ok", "ok"]
+    (first,) = sweep([cfg(tmp_path, impl="loop", seq_len=128, **big)], progress=False, history=history)
+    assert first["status"] == "ok", first["reason"]
     (last,) = sweep([cfg(tmp_path, impl="loop", seq_len=65536, **big)], progress=False, history=history)
-    assert last["status"] == "skipped" and "predicted" in last["reason"], last["reason"]
+    assert last["status"] == "skipped" and "from n=128" in last["reason"], last["reason"]  # time or memory
