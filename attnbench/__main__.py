@@ -111,8 +111,8 @@ def precheck(argv: list[str], planned: list[BenchConfig] | None = None) -> str |
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from .results import check_writable, rows_dir, table_path
     from .sweep import row_files_enabled
+    from .tables import check_writable, rows_dir, table_path
 
     overrides = [a for a in argv if not a.startswith("-")]
     try:
@@ -178,8 +178,9 @@ def _row_files_setting(value: object, job: list[str] | None = None) -> object:
 
 # ---------------------------------------------------------------------- running
 def _task(cfg) -> None:
-    from .results import format_rows, rows_dir, table_path
+    from .results import format_rows
     from .sweep import row_files_enabled, sweep
+    from .tables import latest, read_table, rows_dir, table_path
 
     try:
         configs, resume, row_files = build_configs(_container(cfg))
@@ -190,12 +191,21 @@ def _task(cfg) -> None:
     rows = sweep(configs, resume=resume, row_files=use_files)
     if rows:
         print(format_rows(rows))
-    profiled = [r for r in rows if r.get("profile")]
-    if len({r["impl"] for r in profiled}) > 1 and not use_files:  # several implementations: their breakdown
-        from .profile import write_breakdown
+    if rows and not use_files:  # figures of the study's table (a resumed run's rows join the earlier ones)
+        table = table_path(configs[0])
+        study = latest(read_table(table)).to_dict("records")
+        if any(r.get("model") for r in rows):  # inside a model and alone: how much reaches it
+            from .model import write_model_figure
 
-        for p in write_breakdown(profiled, table_path(configs[0])) or ():
-            print(f"breakdown: {p}")
+            figure = write_model_figure(study, table)
+            if figure:
+                print(f"figure: {figure}")
+        profiled = [r for r in study if r.get("profile")]
+        if any(r.get("profile") for r in rows) and len({r["impl"] for r in profiled}) > 1:  # their breakdown
+            from .profile import write_breakdown
+
+            for p in write_breakdown(profiled, table) or ():
+                print(f"breakdown: {p}")
     for p in sorted({str(rows_dir(c) if use_files else table_path(c)) for c in configs}):
         print(f"rows: {p}/ (into the table: python -m attnbench.merge {p})" if use_files else f"results: {p}")
 

@@ -271,8 +271,9 @@ def run_stage(name: str, configs: list, outdir: Path, log: Log, limit_s: float, 
     """Measure ``configs`` one by one with the benchmark engine into OUTDIR/<name>.csv
     (each row written as it comes); those left when ``limit_s`` is spent become rows
     marked skipped. Logs a line per job, then the rows at the largest n."""
-    from attnbench.results import append_row, base_row, format_rows
+    from attnbench.results import base_row, format_rows
     from attnbench.sweep import sweep
+    from attnbench.tables import append_row
 
     csv_path = outdir / f"{name}.csv"
     configs = [dataclasses.replace(c, results_dir=str(outdir), study=name) for c in configs]

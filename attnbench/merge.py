@@ -37,7 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import BenchConfig
-from .results import ROWS_SUFFIX, merge_into, normalise, positions_text, read_rows, read_table, row_file_paths
+from .results import normalise, positions_text
+from .tables import ROWS_SUFFIX, merge_into, read_rows, read_table, row_file_paths
 
 __all__ = ["merge", "find_sources", "Source", "write_plan", "missing"]
 

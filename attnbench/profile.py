@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "study's profiled rows: <study>-breakdown.csv and .png beside its table.")  # fmt: skip
     ap.add_argument("table", type=Path, help="a results table with a profile column (e.g. results/breakdown-cpu.csv)")
     a = ap.parse_args(argv)
-    from .results import latest, read_table
+    from .tables import latest, read_table
 
     if not a.table.is_file():
         print(f"attnbench.profile: {a.table}: no such table", file=sys.stderr)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import attnbench
-from attnbench.results import read_rows
+from attnbench.tables import read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(

@@ -15,17 +15,9 @@ import pytest
 from attnbench.config import BenchConfig
 from attnbench.merge import find_sources, merge
 from attnbench.merge import main as merge_main
-from attnbench.results import (
-    COLUMNS,
-    append_row,
-    identity,
-    read_row_files,
-    read_rows,
-    row_file_paths,
-    rows_dir,
-    write_row_file,
-)
+from attnbench.results import COLUMNS, identity
 from attnbench.sweep import sweep
+from attnbench.tables import append_row, read_row_files, read_rows, row_file_paths, rows_dir, write_row_file
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = ROOT / "conf"

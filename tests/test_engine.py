@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -18,8 +19,9 @@ import attnbench
 from attnbench import Pattern
 from attnbench import measure as measure_mod
 from attnbench.config import BenchConfig
-from attnbench.results import COLUMNS, base_row, format_rows, read_rows
+from attnbench.results import COLUMNS, base_row, format_rows
 from attnbench.sweep import measure, predict_memory, sweep
+from attnbench.tables import read_rows
 from attnbench.verify import check_grads
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -336,7 +338,7 @@ def test_resume_skips_what_is_done(tmp_path):
 
 
 def test_resume_measures_what_another_machine_measured_and_retries_errors(tmp_path, throwaway):
-    from attnbench.results import append_row
+    from attnbench.tables import append_row
 
     c = cfg(tmp_path, impl="chunked")
     elsewhere = base_row(c.resolved())
@@ -371,3 +373,18 @@ def test_sweeps_of_one_process_share_the_predictive_guard(tmp_path):
     assert first["status"] == "ok", first["reason"]
     (last,) = sweep([cfg(tmp_path, impl="loop", seq_len=65536, **big)], progress=False, history=history)
     assert last["status"] == "skipped" and "from n=128" in last["reason"], last["reason"]  # time or memory
+
+
+def test_a_fwd_bwd_series_grows_as_its_forward_series_does(tmp_path):
+    """With one point of its own, a series borrows its growth from the same
+    configuration's forward series: a linear implementation is not taken for quadratic."""
+    from attnbench.sweep import _predict_time, _series_key
+
+    c = cfg(tmp_path, impl="chunked", seq_len=4096, mode="fwd_bwd", job_timeout_s=30, warmup=0, min_reps=1).resolved()
+    own = [dict(status="ok", seq_len=1024, time_ms_median=1000.0)]
+    fwd = [dict(status="ok", seq_len=n, time_ms_median=t) for n, t in ((1024, 300.0), (2048, 600.0))]
+    assert _predict_time(c, own, fwd) is None  # 4 s a call, 5 calls: 20 s
+    assert "exponent 2.0" in _predict_time(c, own, [])  # 16 s a call without the forward's growth
+    # a model's series and the attention call's are different series
+    assert _series_key(c) != _series_key(dataclasses.replace(c, model_layers=2))
+    assert _series_key(c, "fwd") == _series_key(dataclasses.replace(c, mode="fwd"))

@@ -168,7 +168,7 @@ def _row(config, ms, peak):
 
 
 def test_verdict_reads_the_rows_and_judges_each_target(tmp_path):
-    from attnbench.results import append_row
+    from attnbench.tables import append_row
 
     out = tmp_path
     for c in gpu_check.targets_plan():

@@ -1,4 +1,4 @@
-"""Result rows and tables: the identity of a measurement, appending, reading back, merging."""
+"""Result rows and their tables: the identity of a measurement, appending, reading back, merging."""
 
 from __future__ import annotations
 
@@ -6,17 +6,8 @@ import pandas as pd
 import pytest
 
 from attnbench.config import BenchConfig
-from attnbench.results import (
-    COLUMNS,
-    append_row,
-    base_row,
-    check_writable,
-    identity,
-    latest,
-    merge_into,
-    read_rows,
-    read_table,
-)
+from attnbench.results import COLUMNS, base_row, identity
+from attnbench.tables import append_row, check_writable, latest, merge_into, read_rows, read_table
 
 
 def _row(**kw) -> dict:

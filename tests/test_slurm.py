@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from attnbench.results import read_row_files, read_rows, row_file_paths
+from attnbench.tables import read_row_files, read_rows, row_file_paths
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "slurm_local.sh"
