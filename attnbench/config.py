@@ -66,6 +66,7 @@ class BenchConfig:
     allow_slow: bool = False  # ... unless allowed
     isolate: Any = "auto"  # a child process per job: auto (= true), true or false
     profile: bool = False  # one more call under torch.profiler: results/profiles/<study>/...
+    model_layers: int = 0  # 0: the attention call alone; L: inside an L-layer Longformer encoder (attnbench.model)
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -246,6 +247,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "allow_slow": _bool,
     "isolate": _choice(ISOLATE),
     "profile": _bool,
+    "model_layers": _int(0),
     "resume": _bool,
     "row_files": _choice(ISOLATE),
     "sweep": _any,

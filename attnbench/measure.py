@@ -89,8 +89,23 @@ class Case:
         dout = draw() if grad else None
         return cls(c, impl, c.pattern(), q, k, v, dout, default_scale(c.head_dim))
 
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
     def forward(self) -> torch.Tensor:
         return self.impl.fn(self.q, self.k, self.v, self.pattern, self.scale)
+
+    def contract(self, out: torch.Tensor) -> None:
+        """The registry's contract, checked on the first call (plugins too)."""
+        if out.shape != self.q.shape or out.dtype != self.q.dtype:
+            raise RuntimeError(
+                f"impl={self.impl.name!r} returned shape {tuple(out.shape)} dtype {out.dtype}; "
+                f"expected {tuple(self.q.shape)} {self.q.dtype}"
+            )
+
+    def verify(self, out: torch.Tensor) -> dict:
+        return verify(self, out)
 
     def zero_grad(self) -> None:
         for t in (self.q, self.k, self.v):
@@ -139,18 +154,14 @@ def _trim() -> None:
 
 def first_call(case: Case) -> tuple[torch.Tensor, dict]:
     """The process's first forward call, timed alone; its output (for verification)."""
-    dev = case.q.device
+    dev = case.device
     _sync(dev)
     t0 = time.perf_counter()
     with torch.no_grad():
         out = case.forward()
     _sync(dev)
     fields = {"first_call_ms": (time.perf_counter() - t0) * 1e3, "setup_ms": case.impl.last_call().get("setup_ms")}
-    if out.shape != case.q.shape or out.dtype != case.q.dtype:  # the contract, for plugins too
-        raise RuntimeError(
-            f"impl={case.impl.name!r} returned shape {tuple(out.shape)} dtype {out.dtype}; "
-            f"expected {tuple(case.q.shape)} {case.q.dtype}"
-        )
+    case.contract(out)
     return out, fields
 
 
@@ -194,7 +205,7 @@ def time_calls(case: Case) -> dict:
     """Warm-up, then timed calls until the time budget or the count is reached."""
     c = case.config
     fn, setup = case.runner()
-    dev = case.q.device
+    dev = case.device
     for _ in range(c.warmup):
         setup()
         fn()
@@ -241,7 +252,7 @@ def _status_field(name: str) -> int:
 def peak_memory(case: Case) -> dict:
     """Peak bytes one (warm) call allocates beyond what was allocated before it."""
     fn, setup = case.runner()
-    dev = case.q.device
+    dev = case.device
     setup()
     _sync(dev)
     if dev.type == "cuda":
@@ -281,18 +292,25 @@ def measure_here(c: BenchConfig, impl: Impl) -> dict:
     """Measure the resolved ``c`` with ``impl`` in this process; the row. Never raises for
     a failing implementation: the failure is the row's status."""
     row = base_row(c)
-    label = f"{c.impl} n={c.seq_len} {c.dtype} {c.mode}"
+    label = f"{c.impl} n={c.seq_len} {c.dtype} {c.mode}" + (
+        f" in {c.model_layers}-layer model" if c.model_layers else ""
+    )
     if c.threads is not None:
         torch.set_num_threads(c.threads)
     torch.manual_seed(c.seed)
     try:
-        case = Case.build(c, impl)
+        if c.model_layers:  # inside a Longformer encoder (attnbench.model)
+            from .model import ModelCase
+
+            case = ModelCase.build(c, impl)
+        else:
+            case = Case.build(c, impl)
         log.info("%s: first call", label)
         out, fields = first_call(case)
         row.update(fields)
         if c.verify:
             log.info("%s: verifying", label)
-            row.update(verify(case, out))
+            row.update(case.verify(out))
         else:
             row["verified"] = "no"
         del out
@@ -306,8 +324,9 @@ def measure_here(c: BenchConfig, impl: Impl) -> dict:
         if c.profile:  # after every timed call: no timed call runs under a profiler
             log.info("%s: profiling", label)
             fn, setup = case.runner()
-            row.update(profile_call(fn, setup, case.q.device, profile_dir(row, c.results_dir), label))
-        row["tflops"] = row["flops"] / (row["time_ms_median"] * 1e-3) / 1e12
+            row.update(profile_call(fn, setup, case.device, profile_dir(row, c.results_dir), label))
+        if row["flops"]:
+            row["tflops"] = row["flops"] / (row["time_ms_median"] * 1e-3) / 1e12
         tunables = case.impl.last_call().get("tunables")
         row["tunables"] = json.dumps(tunables, sort_keys=True) if tunables else ""
         row["status"] = "ok"

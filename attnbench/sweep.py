@@ -45,16 +45,8 @@ import torch
 from .config import BenchConfig
 from .measure import measure_here
 from .registry import Impl, get_impl
-from .results import (
-    append_row,
-    base_row,
-    check_writable,
-    done,
-    identity,
-    rows_dir,
-    table_path,
-    write_row_file,
-)
+from .results import base_row, identity
+from .tables import append_row, check_writable, done, rows_dir, table_path, write_row_file
 
 __all__ = ["measure", "sweep", "expand", "row_files_enabled", "memory_budget"]
 
@@ -121,16 +113,18 @@ def predict_memory(c: BenchConfig, impl: Impl, series: list[dict]) -> tuple[floa
         n1, m1 = pts[-1]
         e = _exponent(pts, 2.0, high=2.0)  # attention needs at most quadratic memory
         return m1 * (c.seq_len / n1) ** e + _inputs_bytes(c), f"from n={n1}, exponent {e:.1f}"
-    if impl.memory is None:
+    if impl.memory is None or c.model_layers:  # the estimate is of the attention call alone
         return None, ""
     esize = torch.empty(0, dtype=c.torch_dtype()).element_size()
     est = impl.memory(c.batch, c.heads, c.seq_len, c.head_dim, esize, c.pattern(), c.mode != "fwd")
     return float(est) + _inputs_bytes(c), "estimate"
 
 
-def _predict_time(c: BenchConfig, series: list[dict]) -> str | None:
+def _predict_time(c: BenchConfig, series: list[dict], fwd: list[dict]) -> str | None:
     """Within one series, do not start what cannot finish: after an OOM or a time-budget
-    stop at a smaller n, or when the measured times predict a job over ``job_timeout_s``."""
+    stop at a smaller n, or when the measured times predict a job over ``job_timeout_s``.
+    With one measured point, the growth comes from the forward series of the same
+    configuration (``fwd``) where it has two: fwd_bwd grows as fwd does."""
     for r in series:
         if int(r["seq_len"]) >= c.seq_len:
             continue
@@ -142,7 +136,7 @@ def _predict_time(c: BenchConfig, series: list[dict]) -> str | None:
     if not pts:
         return None
     n1, t1 = pts[-1]
-    e = _exponent(pts, 2.0, high=2.5)
+    e = _exponent(pts, _exponent(_ok_points(fwd, c.seq_len, "time_ms_median"), 2.0, high=2.5), high=2.5)
     per_call = t1 * (c.seq_len / n1) ** e / 1e3
     job = per_call * (4 + c.warmup + c.min_reps)  # first call, verification, warm-up, timed calls, memory
     if job > c.job_timeout_s:
@@ -153,8 +147,9 @@ def _predict_time(c: BenchConfig, series: list[dict]) -> str | None:
     return None
 
 
-def guard(c: BenchConfig, impl: Impl, series: list[dict]) -> tuple[str | None, float | None]:
-    """(the reason this job must not run, or None; the memory figure the guard used)."""
+def guard(c: BenchConfig, impl: Impl, series: list[dict], fwd: list[dict] = ()) -> tuple[str | None, float | None]:
+    """(the reason this job must not run, or None; the memory figure the guard used).
+    ``series``: the rows measured so far in this job's series; ``fwd``: in its forward one."""
     why = impl.unavailable_reason()
     if why:
         return f"unavailable: {why}", None
@@ -176,7 +171,7 @@ def guard(c: BenchConfig, impl: Impl, series: list[dict]) -> tuple[str | None, f
             f"over the time budget: Triton runs in its interpreter on the CPU; seq_len > "
             f"{c.interpreter_max_seq} is skipped unless allow_slow=true"
         ), need
-    return _predict_time(c, series), need
+    return _predict_time(c, series, list(fwd)), need
 
 
 # ---------------------------------------------------------------------- isolation
@@ -262,12 +257,14 @@ def _measure_isolated(c: BenchConfig, impl: Impl) -> dict:
 
 
 # ---------------------------------------------------------------------- measuring
-def _series_key(c: BenchConfig) -> tuple:
-    return (str(table_path(c)), c.impl, c.pattern(), c.dtype, c.mode, c.device, c.batch, c.heads, c.head_dim, c.threads)
+def _series_key(c: BenchConfig, mode: str | None = None) -> tuple:
+    """What a series shares (all but n); ``mode`` to name a sibling series."""
+    return (str(table_path(c)), c.impl, c.model_layers, c.pattern(), c.dtype, mode or c.mode, c.device, c.batch,
+            c.heads, c.head_dim, c.threads)  # fmt: skip
 
 
-def _measure(c: BenchConfig, impl: Impl, series: list[dict]) -> dict:
-    why, need = guard(c, impl, series)
+def _measure(c: BenchConfig, impl: Impl, series: list[dict], fwd: list[dict] = ()) -> dict:
+    why, need = guard(c, impl, series, fwd)
     if why:
         row = base_row(c)
         row["status"], row["reason"] = "skipped", why
@@ -352,7 +349,7 @@ def sweep(
             if bar is not None:
                 bar.set_postfix_str(f"{c.impl} n={c.seq_len} {c.dtype} {c.mode}")
             series = history.setdefault(_series_key(c), [])
-            row = _measure(c, impls[c.impl], series)
+            row = _measure(c, impls[c.impl], series, history.get(_series_key(c, "fwd"), []))
             series.append(row)
             if use_row_files:
                 write_row_file(rows_dir(c), row)
