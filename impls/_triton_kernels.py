@@ -66,8 +66,10 @@ LOG2E = 1.4426950408889634
 #: blocks per class at test sizes (n ~ 100)
 INTERP_BLOCK = 32
 
-#: scalar kernel arguments that vary per call; not specialised, so one binary serves all
-_NO_SPEC = ["n", "H", "HG", "d", "lo", "hi", "G", "causal"]
+#: scalar kernel arguments that vary per call; not specialised, so one binary serves all.
+#: n_tune (the window kernels' last) is n rounded up to a power of two: unused by the
+#: code, it is there for the autotuner's key, so that each size bucket is tuned apart
+_NO_SPEC = ["n", "H", "HG", "d", "lo", "hi", "G", "causal", "n_tune"]
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -177,7 +179,7 @@ def static_stages(w_span: int, block_a: int, block_b: int) -> tuple[int, int, in
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_window_kernel(
     Q, K, V, O, LSE, HEADS, GLOB,
-    scale_log2, n, H, HG, d, lo, hi, G, causal,
+    scale_log2, n, H, HG, d, lo, hi, G, causal, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, STATIC_LOOPS: tl.constexpr,
     S_K1: tl.constexpr, S_K2: tl.constexpr, S_KN: tl.constexpr, S_GN: tl.constexpr,
@@ -375,7 +377,7 @@ def _bwd_kv_blocks(
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_kv_window_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, ROW_GLOBAL, GLOB,
-    scale, scale_log2, n, H, HG, d, lo, hi, G, causal,
+    scale, scale_log2, n, H, HG, d, lo, hi, G, causal, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, STATIC_LOOPS: tl.constexpr,
     S_K1: tl.constexpr, S_K2: tl.constexpr, S_KN: tl.constexpr, S_GN: tl.constexpr,
@@ -550,7 +552,7 @@ def _bwd_q_window_blocks(
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_q_window_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, HEADS, GLOB,
-    scale, scale_log2, n, H, HG, d, lo, hi, G, causal,
+    scale, scale_log2, n, H, HG, d, lo, hi, G, causal, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, STATIC_LOOPS: tl.constexpr,
     S_K1: tl.constexpr, S_K2: tl.constexpr, S_KN: tl.constexpr, S_GN: tl.constexpr,
@@ -707,39 +709,45 @@ SMEM_LIMIT = 227 * 1024
 _KINDS = {"fwd": ("BLOCK_M", 1), "q": ("BLOCK_M", 2), "kv": ("BLOCK_N", 2)}
 
 
-def smem_bytes(kind: str, bm: int, bn: int, stages: int, bd: int, esize: int) -> int:
+def smem_bytes(kind: str, bm: int, bn: int, stages: int, bd: int, esize: int, bg: int = 16) -> int:
     """Estimated shared memory (bytes) of a window kernel ("fwd", "q" or "kv") with
-    blocks (bm, bn), ``stages`` pipeline stages, padded head dim ``bd`` and
-    ``esize``-byte inputs:
+    blocks (bm, bn), ``stages`` pipeline stages, padded head dim ``bd``, ``esize``-byte
+    inputs and global block ``bg``:
 
         (resident * own + 2 * stages * walk) * bd * esize + 8 * stages * walk + 1 KiB
 
-    own / walk: rows of the owned / streamed block; the streamed block's two tiles
-    (k, v or q, dO) get one buffer per stage, plus its fp32 row vectors (lse, delta);
-    fp32 inputs hold the resident tiles twice (tf32x3 splits them into a high and a
-    low part). Fitted to what Triton's sm90 compiler allocates (for each config:
-    scripts/triton_resources.py); tests/test_triton.py compiles configs on both sides
-    of the limit and checks the estimate is not below the compiler's figure. It can
-    be below it for small single-stage configs (layout conversions), far from the limit."""
+    own: rows of the block a program owns; walk: rows of the blocks its loops stream,
+    the window's (the other of bm, bn) or the global loop's (bg), whichever is larger:
+    each streamed block's two tiles (k, v or q, dO) get one buffer per stage, plus its
+    fp32 row vectors (lse, delta); fp32 inputs hold the resident tiles twice (tf32x3
+    splits them into a high and a low part). Fitted to what Triton's sm90 compiler
+    allocates (for each config: scripts/triton_resources.py); tests/test_triton.py
+    compiles configs on both sides of the limit, with global blocks of 16 and 64, and
+    checks the estimate is not below the compiler's figure. It can be below it for
+    small single-stage configs (layout conversions), far from the limit."""
     owner, resident = _KINDS[kind]
     own, walk = (bm, bn) if owner == "BLOCK_M" else (bn, bm)
+    walk = max(walk, bg)
     if esize == 4:
         resident *= 2
     return (resident * own + 2 * stages * walk) * bd * esize + 8 * stages * walk + 1024
 
 
-def _fits(kind: str, bm: int, bn: int, stages: int, bd: int, esize: int) -> bool:
+def _fits(kind: str, bm: int, bn: int, stages: int, bd: int, esize: int, bg: int = 16) -> bool:
     # shared memory, and a register budget: a tile of 32 KiB is already 64 registers
     # per thread at 4 warps, and a program holds several
-    return smem_bytes(kind, bm, bn, stages, bd, esize) <= SMEM_LIMIT and max(bm, bn) * bd * esize <= 32 * 1024
+    return smem_bytes(kind, bm, bn, stages, bd, esize, bg) <= SMEM_LIMIT and max(bm, bn) * bd * esize <= 32 * 1024
 
 
 def _prune(configs: list, named_args: dict, *, kind: str, **kwargs) -> list:
     """The configs that fit; if none does (large head dims in fp32), the untuned
     config of :func:`_fixed`, which the tests compile for sm90 at every head dim."""
     bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    bg = kwargs.get("BLOCK_G", named_args.get("BLOCK_G", 16))
     esize = named_args["Q"].element_size()
-    keep = [c for c in configs if _fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages or 1, bd, esize)]
+    keep = [
+        c for c in configs if _fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages or 1, bd, esize, bg)
+    ]
     if keep:
         return keep
     bm, bn, w, s = _fixed(bd, esize, kind)
@@ -748,9 +756,12 @@ def _prune(configs: list, named_args: dict, *, kind: str, **kwargs) -> list:
 
 def _tuner(kernel, rows: list[tuple[int, int, int, int]], kind: str):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": b}, num_warps=w, num_stages=s) for m, b, w, s in rows]
-    # keyed on head_dim (BLOCK_D) and window (lo, hi); the autotuner adds the dtypes
+    # keyed on head_dim (BLOCK_D), window (lo, hi), dilation (d) and the size bucket
+    # (n_tune): the best blocks at n = 4096 are not those at 32768; the autotuner adds
+    # the dtypes. None of these is specialised, so a new key retunes without recompiling.
     prune = functools.partial(_prune, kind=kind)
-    return triton.autotune(configs, key=["BLOCK_D", "lo", "hi"], prune_configs_by={"early_config_prune": prune})(kernel)
+    key = ["BLOCK_D", "lo", "hi", "d", "n_tune"]
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
 
 if INTERPRETED:
@@ -905,7 +916,25 @@ def forward(
     cfg: dict = {}
     for d, lo_g, hi_g, heads in _groups(tuple(dilations), n, lo, hi):
         heads_t = _heads(q.device, tuple(heads))
-        args = (q, k, v, out, lse, heads_t, g_t, scale_log2, n, H, len(heads), d, lo_g, hi_g, G, int(causal))
+        args = (
+            q,
+            k,
+            v,
+            out,
+            lse,
+            heads_t,
+            g_t,
+            scale_log2,
+            n,
+            H,
+            len(heads),
+            d,
+            lo_g,
+            hi_g,
+            G,
+            int(causal),
+            _next_pow2(n),
+        )
         cfg = _window_launch(
             _fwd_window_kernel, _fwd_window_tuned, args, programs_over="BLOCK_M", n=n, d=d, B=B, HG=len(heads),
             w_span=hi_g - lo_g, G=G, bg=bg, fixed=_fixed(bd, esize, "fwd"), tune=tune,
@@ -960,7 +989,7 @@ def backward(
         HG = len(heads)
         heads_t = _heads(q.device, tuple(heads))
         common = dict(n=n, d=d, B=B, HG=HG, w_span=hi_g - lo_g, G=G, bg=bg, tune=tune, HEAD_DIM=D, BLOCK_D=bd)
-        tail = (scale, scale_log2, n, H, HG, d, lo_g, hi_g, G, int(causal))
+        tail = (scale, scale_log2, n, H, HG, d, lo_g, hi_g, G, int(causal), _next_pow2(n))
         cfg_kv = _window_launch(
             _bwd_kv_window_kernel, _bwd_kv_window_tuned,
             (q, k, v, do, lse, delta, dk, dv, heads_t, row_global, g_t) + tail,

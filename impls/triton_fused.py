@@ -120,7 +120,7 @@ def _report() -> dict:
 
 #: scalar and pointer types of the kernels' runtime arguments, for compile_ahead
 _ARG_TYPES = {
-    **{a: "i32" for a in ("n", "H", "HG", "d", "lo", "hi", "G", "causal")},
+    **{a: "i32" for a in ("n", "H", "HG", "d", "lo", "hi", "G", "causal", "n_tune")},
     **{a: "fp32" for a in ("scale", "scale_log2")},
     **{a: "*fp32" for a in ("LSE", "DELTA", "DK", "DV")},
     **{a: "*i32" for a in ("HEADS", "GLOB", "DIL")},
@@ -137,12 +137,14 @@ def compile_ahead(
     num_warps: int = 4,
     num_stages: int = 2,
     arch: int = 90,
+    block_g: int = 16,
 ):
     """Compile one kernel of ``impls/_triton_kernels.py`` (e.g. "_fwd_window_kernel")
     for CUDA compute capability ``arch`` without a GPU, through Triton's whole pipeline
     (ptxas included). Returns Triton's compiled kernel: ``.asm["ptx"]``,
     ``.asm["cubin"]``, ``.metadata.shared`` (bytes of shared memory). ``dtype`` is
     "bf16", "fp16" or "fp32" (whose dots are three TF32 products, as on a GPU).
+    ``block_g`` is the global-key block (16 to 64 on CUDA, by the number of global tokens).
     Pointers are marked 16-byte aligned, as Triton's launcher marks torch's
     allocations, so the code is what a launch would build. Raises ``OSError`` where
     Triton's CUDA toolchain cannot run, ``ImportError`` without its CUDA backend."""
@@ -154,7 +156,7 @@ def compile_ahead(
     kern = kernels(False)
     fn = getattr(kern, name)
     types = dict(_ARG_TYPES, **{p: "*" + dtype for p in ("Q", "K", "V", "O", "DO", "DQ")})
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=kern.block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=16,
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=kern.block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g,
                   DOT_PREC="tf32x3" if dtype == "fp32" else "tf32", UPCAST=False,
                   STATIC_LOOPS=False, S_K1=0, S_K2=0, S_KN=0, S_GN=0, S_QN=0)  # fmt: skip
     sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
@@ -333,7 +335,7 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     tunables={
         "interpreter_block": INTERPRETER_BLOCK,
         "autotune_min_seq": AUTOTUNE_MIN_SEQ,
-        "autotune_key": "head_dim, window",
+        "autotune_key": "head_dim, window, dilation, n (next power of two)",
         "max_head_dim": MAX_HEAD_DIM,
     },
 )

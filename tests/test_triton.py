@@ -178,11 +178,12 @@ _ALL_KERNELS = ("_fwd_window_kernel", "_fwd_global_rows_kernel", "_bwd_delta_ker
 _WINDOW_KERNELS = {"fwd": "_fwd_window_kernel", "kv": "_bwd_kv_window_kernel", "q": "_bwd_q_window_kernel"}
 
 
-def _compile_sm90(name: str, dtype: str, head_dim: int, bm: int = 64, bn: int = 32, warps: int = 4, stages: int = 2):
+def _compile_sm90(name: str, dtype: str, head_dim: int, bm: int = 64, bn: int = 32, warps: int = 4, stages: int = 2,
+                  bg: int = 16):  # fmt: skip
     """One kernel through Triton's whole CUDA pipeline for sm90, no GPU needed
     (tf.compile_ahead: pointers marked aligned as the launcher marks them)."""
     try:
-        return tf.compile_ahead(name, dtype, head_dim, bm, bn, warps, stages, arch=90)
+        return tf.compile_ahead(name, dtype, head_dim, bm, bn, warps, stages, arch=90, block_g=bg)
     except ImportError as e:  # pragma: no cover
         pytest.skip(f"no CUDA backend in this triton: {e}")
     except OSError as e:  # pragma: no cover - the toolchain, not the kernels
@@ -218,15 +219,20 @@ def test_untuned_configs_fit_sm90(dtype, head_dim):
         assert used <= kern.SMEM_LIMIT, f"{name} {dtype} head_dim {head_dim} {(bm, bn, warps, stages)}: {used} B shared"
 
 
-# configs on both sides of the sm90 limit: (kind, dtype, head_dim, BLOCK_M, BLOCK_N, warps, stages)
+# configs on both sides of the sm90 limit: (kind, dtype, head_dim, BLOCK_M, BLOCK_N, warps, stages, BLOCK_G)
 _SMEM_SAMPLES = [
-    ("fwd", "bf16", 256, 64, 64, 4, 3),  # 224 KiB: fits, barely
-    ("fwd", "bf16", 256, 128, 64, 8, 3),  # 256 KiB: does not
-    ("q", "bf16", 256, 64, 64, 4, 2),
-    ("q", "bf16", 256, 128, 64, 8, 2),
-    ("kv", "bf16", 256, 32, 64, 4, 3),
-    ("fwd", "fp32", 64, 64, 64, 4, 2),  # fp32: resident tiles twice (tf32x3)
-    ("fwd", "bf16", 64, 128, 128, 8, 2),
+    ("fwd", "bf16", 256, 64, 64, 4, 3, 16),  # 224 KiB: fits, barely
+    ("fwd", "bf16", 256, 128, 64, 8, 3, 16),  # 256 KiB: does not
+    ("q", "bf16", 256, 64, 64, 4, 2, 16),
+    ("q", "bf16", 256, 128, 64, 8, 2, 16),
+    ("kv", "bf16", 256, 32, 64, 4, 3, 16),
+    ("fwd", "fp32", 64, 64, 64, 4, 2, 16),  # fp32: resident tiles twice (tf32x3)
+    ("fwd", "bf16", 64, 128, 128, 8, 2, 16),
+    # 33 or more global tokens: a global block of 64 streams more rows than the window
+    # block of 32 (the dQ config that overflowed: 262,656 B)
+    ("q", "fp32", 128, 64, 32, 4, 3, 64),
+    ("q", "bf16", 64, 64, 32, 4, 3, 64),
+    ("fwd", "bf16", 128, 64, 32, 4, 3, 64),
 ]
 
 
@@ -234,12 +240,28 @@ _SMEM_SAMPLES = [
 def test_smem_estimate_bounds_the_compiler(sample):
     """The autotuner's pruning trusts smem_bytes(): it must not be below what the
     compiler allocates, and must agree with it on which side of the limit a config is."""
-    kind, dtype, head_dim, bm, bn, warps, stages = sample
+    kind, dtype, head_dim, bm, bn, warps, stages, bg = sample
     kern = tf.kernels(False)
-    est = kern.smem_bytes(kind, bm, bn, stages, kern.block_d(head_dim), 2 if dtype == "bf16" else 4)
-    real = _compile_sm90(_WINDOW_KERNELS[kind], dtype, head_dim, bm, bn, warps, stages).metadata.shared
+    est = kern.smem_bytes(kind, bm, bn, stages, kern.block_d(head_dim), 2 if dtype == "bf16" else 4, bg)
+    real = _compile_sm90(_WINDOW_KERNELS[kind], dtype, head_dim, bm, bn, warps, stages, bg).metadata.shared
     assert est >= real, f"estimate {est} B < compiled {real} B"
     assert (est <= kern.SMEM_LIMIT) == (real <= kern.SMEM_LIMIT), f"estimate {est} B, compiled {real} B"
+
+
+@pytest.mark.parametrize("kind", ["q", "kv"])
+def test_configs_kept_with_many_global_tokens_fit_sm90(kind):
+    """fp32, head_dim 128, a global block of 64 (33 or more global tokens), backward:
+    every config the pruning keeps compiles within an H100's shared memory (the forward
+    at a global block of 64 is among the estimate's samples above)."""
+    kern = tf.kernels(False)
+    rows = {"fwd": kern.FWD_CONFIGS, "q": kern.BWD_Q_CONFIGS, "kv": kern.BWD_KV_CONFIGS}[kind]
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": b}, num_warps=w, num_stages=s) for m, b, w, s in rows]
+    kept = kern._prune(configs, {"Q": torch.empty(0)}, kind=kind, BLOCK_D=128, BLOCK_G=64)
+    assert kept
+    for c in kept:
+        bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+        used = _compile_sm90(_WINDOW_KERNELS[kind], "fp32", 128, bm, bn, w, s, bg=64).metadata.shared
+        assert used <= kern.SMEM_LIMIT, f"{kind} {(bm, bn, w, s)}: {used} B shared"
 
 
 @pytest.mark.parametrize("esize", [2, 4])
