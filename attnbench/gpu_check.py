@@ -98,23 +98,12 @@ def environment(log: Log) -> dict:
 
 def ceilings(log: Log) -> dict:
     """bf16 matmul TFLOP/s and device-to-device copy GB/s (median of timed repeats)."""
-    import statistics
-
     import torch
 
-    def timed(fn, reps: int) -> float:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        return statistics.median(ts)
+    from attnbench.measure import time_fn
+
+    def timed(fn, reps: int) -> float:  # the engine's timing loop, L2 not flushed: these stream far more
+        return time_fn(fn, lambda: None, torch.device("cuda"), 3, reps, reps, 0.0, flush_l2=False)["time_ms_median"]
 
     n = 8192
     x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)

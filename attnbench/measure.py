@@ -48,7 +48,7 @@ from .registry import Impl, UnsupportedError
 from .results import base_row
 from .verify import check_grads, check_output, sample_rows
 
-__all__ = ["Case", "Wrong", "measure_here", "status_of"]
+__all__ = ["Case", "Wrong", "measure_here", "status_of", "runner_for", "time_fn"]
 
 log = logging.getLogger("attnbench")
 
@@ -113,31 +113,30 @@ class Case:
 
     def runner(self) -> tuple[Callable[[], object], Callable[[], None]]:
         """(the timed call, an untimed set-up run before each timed call) for the mode."""
-        mode = self.config.mode
-        if mode == "fwd":
+        return runner_for(self.config.mode, self.forward, self.dout, self.zero_grad)
 
-            def fwd():
-                with torch.no_grad():
-                    return self.forward()
 
-            return fwd, lambda: None
-        if mode == "fwd_bwd":
+def runner_for(mode: str, forward: Callable[[], torch.Tensor], cotangent, zero_grad: Callable[[], None]):
+    """(the timed call, an untimed set-up before each) of ``forward`` in ``mode``: fwd
+    without autograd; fwd_bwd the forward and the backward of ``cotangent``; bwd the
+    backward alone, its forward graph built once outside the timed region."""
+    if mode == "fwd":
 
-            def fwd_bwd():
-                self.forward().backward(self.dout)
+        def fwd():
+            with torch.no_grad():
+                return forward()
 
-            return fwd_bwd, self.zero_grad
-        state: dict = {}  # bwd: the forward graph is built once, outside the timed region
+        return fwd, lambda: None
+    if mode == "fwd_bwd":
+        return (lambda: forward().backward(cotangent)), zero_grad
+    state: dict = {}
 
-        def setup():
-            self.zero_grad()
-            if "out" not in state:
-                state["out"] = self.forward()
+    def setup():
+        zero_grad()
+        if "out" not in state:
+            state["out"] = forward()
 
-        def bwd():
-            state["out"].backward(self.dout, retain_graph=True)
-
-        return bwd, setup
+    return (lambda: state["out"].backward(cotangent, retain_graph=True)), setup
 
 
 # ---------------------------------------------------------------------- steps
@@ -205,19 +204,35 @@ def time_calls(case: Case) -> dict:
     """Warm-up, then timed calls until the time budget or the count is reached."""
     c = case.config
     fn, setup = case.runner()
-    dev = case.device
-    for _ in range(c.warmup):
+    return time_fn(fn, setup, case.device, c.warmup, c.min_reps, c.max_reps, c.time_budget_s, c.flush_l2)
+
+
+def time_fn(
+    fn: Callable[[], object],
+    setup: Callable[[], None],
+    device: torch.device,
+    warmup: int,
+    min_reps: int,
+    max_reps: int,
+    budget_s: float,
+    flush_l2: bool = True,
+) -> dict:
+    """The one timing loop (the engine's, and gpu_check's ceilings'): ``warmup`` calls,
+    then ``fn`` timed until ``budget_s`` has passed with at least ``min_reps`` calls, or
+    ``max_reps`` calls; ``setup`` runs untimed before each. CUDA: events around the call,
+    the L2 cache flushed before it, outside the timed region; CPU: ``perf_counter``."""
+    for _ in range(warmup):
         setup()
         fn()
-    _sync(dev)
+    _sync(device)
     flush = None
-    if dev.type == "cuda" and c.flush_l2:
-        flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=dev)  # larger than any L2
+    if device.type == "cuda" and flush_l2:
+        flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device)  # larger than any L2
     times: list[float] = []
     start = time.perf_counter()
-    while len(times) < c.max_reps:
+    while len(times) < max_reps:
         setup()
-        if dev.type == "cuda":
+        if device.type == "cuda":
             if flush is not None:
                 flush.zero_()  # evict the inputs from L2, outside the timed region
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -230,7 +245,7 @@ def time_calls(case: Case) -> dict:
             t = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t) * 1e3)
-        if len(times) >= c.min_reps and time.perf_counter() - start > c.time_budget_s:
+        if len(times) >= min_reps and time.perf_counter() - start > budget_s:
             break
     qs = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
     return {

@@ -104,28 +104,11 @@ class ModelCase:
     def runner(self):
         """(the timed call, an untimed set-up before each) for the mode; the backward
         computes the gradient of every parameter."""
-        mode = self.config.mode
-        if mode == "fwd":
+        from .measure import runner_for
 
-            def fwd():
-                with torch.no_grad():
-                    return self.forward()
-
-            return fwd, lambda: None
-
-        def zero():
-            self.model.zero_grad(set_to_none=True)
-
-        if mode == "fwd_bwd":
-            return (lambda: self.forward().backward(self.cotangent)), zero
-        state: dict = {}
-
-        def setup():
-            zero()
-            if "out" not in state:
-                state["out"] = self.forward()
-
-        return (lambda: state["out"].backward(self.cotangent, retain_graph=True)), setup
+        return runner_for(
+            self.config.mode, self.forward, self.cotangent, lambda: self.model.zero_grad(set_to_none=True)
+        )
 
     def verify(self, out: torch.Tensor) -> dict:
         """The patched model against the unpatched one on the first grad_check_seq_len
