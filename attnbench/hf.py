@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import types
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -156,6 +157,31 @@ def _global_rows(layer, h: torch.Tensor, positions: torch.Tensor, causal: bool) 
     return torch.matmul(torch.softmax(s, dim=-1).to(v.dtype), v)
 
 
+#: the samples grouped by pattern, per mask tensor: a model hands every layer the same
+#: masks, so the grouping (and its reads of the masks, a device sync on CUDA) is done once
+_GROUPS: dict[int, tuple] = {}
+
+
+def _groups(masked: torch.Tensor, is_global: torch.Tensor) -> dict[tuple[int, tuple[int, ...]], list[int]]:
+    """{(real length, global positions): sample indices} of masks (B, m); raises unless
+    the padding of every sample is a suffix."""
+    cached = _GROUPS.get(id(masked))
+    if cached is not None and cached[0]() is masked and cached[1]() is is_global:
+        return cached[2]
+    B, m = masked.shape
+    lengths = (~masked).sum(1)  # (B,)
+    if not torch.equal(masked, torch.arange(m, device=masked.device)[None, :] >= lengths[:, None]):
+        raise ValueError("attention_mask: attnbench.hf supports padding on the right only (a masked suffix per sample)")
+    groups: dict[tuple[int, tuple[int, ...]], list[int]] = {}
+    for b, n in enumerate(lengths.tolist()):
+        positions = tuple(torch.nonzero(is_global[b, :n]).flatten().tolist())
+        groups.setdefault((n, positions), []).append(b)
+    if len(_GROUPS) > 8:  # only the latest forward's masks matter
+        _GROUPS.clear()
+    _GROUPS[id(masked)] = (weakref.ref(masked), weakref.ref(is_global), groups)
+    return groups
+
+
 def _forward(
     self,
     hidden_states,
@@ -174,17 +200,9 @@ def _forward(
     H = self.num_heads
     masked = is_index_masked if is_index_masked is not None else attention_mask < 0  # (B, m)
     is_global = is_index_global_attn if is_index_global_attn is not None else attention_mask > 0
-    lengths = (~masked).sum(1)  # (B,)
-    if not torch.equal(masked, torch.arange(m, device=masked.device)[None, :] >= lengths[:, None]):
-        raise ValueError("attention_mask: attnbench.hf supports padding on the right only (a masked suffix per sample)")
     q, k, v = (_split_heads(proj(hidden_states), H) for proj in (self.query, self.key, self.value))  # (B, H, m, D)
-    groups: dict[tuple, list[int]] = {}
-    for b in range(B):
-        n = int(lengths[b])
-        positions = tuple(torch.nonzero(is_global[b, :n]).flatten().tolist())
-        groups.setdefault((n, positions), []).append(b)
     out = hidden_states.new_zeros(B, H, m, self.head_dim)  # padded tokens stay 0
-    for (n, positions), samples in groups.items():
+    for (n, positions), samples in _groups(masked, is_global).items():
         if n == 0:
             continue
         idx = torch.tensor(samples, device=hidden_states.device)

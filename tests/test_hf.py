@@ -133,6 +133,16 @@ def test_patch_and_unpatch_are_exact_and_reversible():
     assert all("forward" not in vars(layer) and "_attnbench" not in vars(layer) for layer in layers)
 
 
+def test_samples_are_grouped_once_per_forward():
+    """Every layer gets the same masks: the grouping (a device sync on CUDA) runs once."""
+    model = hf.patch(longformer(), impl="chunked")
+    hf._GROUPS.clear()
+    with torch.no_grad():
+        model(**inputs())
+    ((_, _, groups),) = hf._GROUPS.values()  # one entry for the two layers
+    assert groups == {(27, (0, 13)): [0], (19, (2,)): [1], (23, ()): [2]}
+
+
 def test_refusals_say_why():
     x = inputs()
     model = hf.patch(longformer(), impl="chunked")
