@@ -134,7 +134,7 @@ def precheck(argv: list[str], planned: list[BenchConfig] | None = None) -> str |
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
         checked = set()
         for job in jobs:
-            remote = any(re.match(r"hydra/launcher=.*slurm", a) for a in job)  # jobs run on other machines
+            remote = "slurm" in _launcher(job)  # jobs run on other machines
             try:
                 d = _container(compose("config", overrides=job))
                 configs, _, row_files = build_configs(d, here=not remote)
@@ -163,12 +163,18 @@ def _container(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def _launcher(job: list[str]) -> str:
+    """The hydra/launcher option a job's overrides name ("" for Hydra's basic one)."""
+    return next((a.split("=", 1)[1] for a in job if a.startswith("hydra/launcher=")), "")
+
+
 def _row_files_setting(value: object, job: list[str] | None = None) -> object:
     """``row_files=auto`` means row files under a submitit launcher (each job on its own)."""
     if str(value).strip().lower() != "auto":
         return value
     if job is not None:  # before Hydra runs: read the launcher from the overrides
-        return any(re.match(r"hydra/launcher=.*(submitit|attnbench_)", a) for a in job) or "auto"
+        launcher = _launcher(job)
+        return "submitit" in launcher or launcher.startswith("attnbench_") or "auto"
     from hydra.core.hydra_config import HydraConfig
 
     if HydraConfig.initialized() and "submitit" in str(HydraConfig.get().launcher.get("_target_", "")):

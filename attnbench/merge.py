@@ -99,11 +99,12 @@ def _planned_for(study: str, results_dir: Path) -> list[dict]:
 
 def missing(study: str, results_dir: Path, rows: Iterable[Mapping]) -> list[dict]:
     """Plan entries of ``study`` that no row measures (on the columns the entry fixes)."""
-    rows = list(rows)
+    keys = PLAN_COLUMNS[1:]  # all but the study
+    measured = [{k: normalise(k, r.get(k)) for k in keys} for r in rows]  # normalised once
     out = []
     for e in _planned_for(study, results_dir):
-        fixed = {k: normalise(k, v) for k, v in e.items() if k != "study" and str(v) not in ("", "auto")}
-        if not any(all(normalise(k, r.get(k)) == v for k, v in fixed.items()) for r in rows) and e not in out:
+        fixed = {k: normalise(k, e[k]) for k in keys if str(e[k]) not in ("", "auto")}
+        if not any(all(m[k] == v for k, v in fixed.items()) for m in measured) and e not in out:
             out.append(e)
     return out
 

@@ -283,3 +283,20 @@ def test_concurrent_writers_lose_and_duplicate_nothing(tmp_path, mode):
     assert set(ids) == {(f"h{p}", 1000 * p + i) for p in range(N_PROCS) for i in range(N_ROWS)}
     assert all(r["status"] == "ok" and r["reason"] == "x" * 6000 and r["timestamp"] for r in got)
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") or p.suffix == ".tmp"]  # no leftovers
+
+
+def test_merge_lists_planned_configurations_without_a_row(tmp_path, capsys):
+    """The plan a cluster sweep writes, against the rows that came back; auto and
+    {device} in the plan are left to the row."""
+    from attnbench.merge import missing, write_plan
+
+    planned = [BenchConfig(impl="chunked", seq_len=n, window=8, heads=2, head_dim=16, study="s-{device}",
+                           results_dir=str(tmp_path))
+               for n in (64, 96)]  # fmt: skip
+    (plan,) = write_plan(planned)
+    assert plan.parent == tmp_path / "plans"
+    write_row_file(tmp_path / "s-cpu.rows", fake_row(64, study="s-cpu", window=8, device="cpu"))
+    absent = missing("s-cpu", tmp_path, read_row_files(tmp_path / "s-cpu.rows"))
+    assert [(e["impl"], e["seq_len"]) for e in absent] == [("chunked", "96")]
+    assert merge_main(["s-cpu", "--results-dir", str(tmp_path)]) == 0
+    assert "1 planned configuration(s) have no row yet" in capsys.readouterr().out
