@@ -12,10 +12,11 @@ step uses them. The guards (should this run at all?) and the process isolation l
    per-shape set-up it built (``setup_ms``).
 2. **verify** (:mod:`attnbench.verify`): that output against the float64 reference,
    every row where the dense reference fits ``exact_verify_bytes``, else sampled rows;
-   the bwd modes also check gradients on the first ``grad_check_seq_len`` tokens. A
-   failure is ``wrong`` and gets no time.
-3. **time**: warm-up, then repeated calls until ``time_budget_s`` or ``max_reps``.
-   CUDA: events, the L2 cache flushed outside the timed region; CPU: ``perf_counter``.
+   the bwd modes check the gradients the same way, at the measured size (so the kernels
+   verified are the ones timed, autotuned choices included). A failure is ``wrong`` and
+   gets no time.
+3. **time** (:func:`time_fn`): repeated calls for ``time_budget_s``; CUDA through
+   ``triton.testing.do_bench`` (L2 flushed before each call), else the engine's loop.
 4. **memory**, in a call of its own: CUDA ``max_memory_allocated`` minus what was
    allocated before the call; CPU the resident-set high-water mark, reset just before
    the call, minus the resident set before it (exact in a fresh process with large
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import gc
 import json
 import logging
@@ -107,36 +107,28 @@ class Case:
     def verify(self, out: torch.Tensor) -> dict:
         return verify(self, out)
 
-    def zero_grad(self) -> None:
-        for t in (self.q, self.k, self.v):
-            t.grad = None
-
-    def runner(self) -> tuple[Callable[[], object], Callable[[], None]]:
-        """(the timed call, an untimed set-up run before each timed call) for the mode."""
-        return runner_for(self.config.mode, self.forward, self.dout, self.zero_grad)
+    def runner(self) -> tuple[Callable[[], object], list[torch.Tensor]]:
+        """(the timed call, the tensors whose gradient is cleared before each call)."""
+        return runner_for(self.config.mode, self.forward, self.dout, [self.q, self.k, self.v])
 
 
-def runner_for(mode: str, forward: Callable[[], torch.Tensor], cotangent, zero_grad: Callable[[], None]):
-    """(the timed call, an untimed set-up before each) of ``forward`` in ``mode``: fwd
-    without autograd; fwd_bwd the forward and the backward of ``cotangent``; bwd the
-    backward alone, its forward graph built once outside the timed region."""
+def runner_for(
+    mode: str, forward: Callable[[], torch.Tensor], cotangent: torch.Tensor | None, leaves: list[torch.Tensor]
+) -> tuple[Callable[[], object], list[torch.Tensor]]:
+    """(the timed call, the tensors whose ``.grad`` is cleared before each call) of
+    ``forward`` in ``mode``: fwd without autograd; fwd_bwd the forward and the backward
+    of ``cotangent``; bwd the backward alone, its forward graph built here, untimed."""
     if mode == "fwd":
 
         def fwd():
             with torch.no_grad():
                 return forward()
 
-        return fwd, lambda: None
+        return fwd, []
     if mode == "fwd_bwd":
-        return (lambda: forward().backward(cotangent)), zero_grad
-    state: dict = {}
-
-    def setup():
-        zero_grad()
-        if "out" not in state:
-            state["out"] = forward()
-
-    return (lambda: state["out"].backward(cotangent, retain_graph=True)), setup
+        return (lambda: forward().backward(cotangent)), leaves
+    out = forward()
+    return (lambda: out.backward(cotangent, retain_graph=True)), leaves
 
 
 # ---------------------------------------------------------------------- steps
@@ -181,60 +173,89 @@ def verify(case: Case, out: torch.Tensor) -> dict:
     if not verdict.ok:
         raise Wrong(f"{verdict} ({fields['verified']})", fields)
     if c.mode != "fwd":
-        fields.update(_verify_grads(case))
+        _verify_grads(case, rows, fields)
     return fields
 
 
-def _verify_grads(case: Case) -> dict:
-    """Gradients on the first ``grad_check_seq_len`` tokens of the same inputs."""
-    m = min(case.config.seq_len, case.config.grad_check_seq_len)
+def _verify_grads(case: Case, rows: list[int] | None, fields: dict) -> None:
+    """The gradients at the measured size: every entry, or those the sampled ``rows``
+    reach (one more forward and backward of the implementation); into ``fields``."""
     p = case.pattern
-    if p.global_tokens and p.global_tokens[-1] >= m:  # keep the globals that fit, or one at the end
-        p = dataclasses.replace(p, global_tokens=[g for g in p.global_tokens if g < m] or [m - 1])
-    q, k, v, dout = (t.detach()[:, :, :m] for t in (case.q, case.k, case.v, case.dout))
-    verdicts = check_grads(lambda *x: case.impl.fn(*x, p, case.scale), q, k, v, p, dout, case.scale, f"n={m}")
+    verdicts = check_grads(lambda *x: case.impl.fn(*x, p, case.scale), case.q, case.k, case.v, p, case.dout,
+                           case.scale, f"n={case.config.seq_len}", rows)  # fmt: skip
     worst = max(verdicts, key=lambda x: (not x.ok, x.max_err))
-    fields = {"grad_max_abs_err": max(x.max_err for x in verdicts)}
+    fields["grad_max_abs_err"] = max(x.max_err for x in verdicts)
     if not worst.ok:
         raise Wrong(f"gradient {worst}", fields)
-    return fields
 
 
 def time_calls(case: Case) -> dict:
-    """Warm-up, then timed calls until the time budget or the count is reached."""
+    """The timed calls of the case's mode (see :func:`time_fn`)."""
     c = case.config
-    fn, setup = case.runner()
-    return time_fn(fn, setup, case.device, c.warmup, c.min_reps, c.max_reps, c.time_budget_s, c.flush_l2)
+    fn, grads = case.runner()
+    return time_fn(fn, case.device, c.time_budget_s, warmup=c.warmup, min_reps=c.min_reps, max_reps=c.max_reps,
+                   flush_l2=c.flush_l2, grad_to_none=grads)  # fmt: skip
+
+
+def _do_bench():
+    """``triton.testing.do_bench``, or None where Triton is not installed."""
+    try:
+        from triton.testing import do_bench
+    except Exception:
+        return None
+    return do_bench
 
 
 def time_fn(
     fn: Callable[[], object],
-    setup: Callable[[], None],
     device: torch.device,
-    warmup: int,
-    min_reps: int,
-    max_reps: int,
     budget_s: float,
+    *,
+    warmup: int = 1,
+    min_reps: int = 3,
+    max_reps: int = 100,
     flush_l2: bool = True,
+    grad_to_none: list[torch.Tensor] = (),
 ) -> dict:
-    """The one timing loop (the engine's, and gpu_check's ceilings'): ``warmup`` calls,
-    then ``fn`` timed until ``budget_s`` has passed with at least ``min_reps`` calls, or
-    ``max_reps`` calls; ``setup`` runs untimed before each. CUDA: events around the call,
-    the L2 cache flushed before it, outside the timed region; CPU: ``perf_counter``."""
+    """Median, interquartile range and minimum, in ms, of calls of ``fn`` repeated for
+    ``budget_s`` seconds (at most ``max_reps`` kept); the ``.grad`` of ``grad_to_none``
+    is cleared before each call, untimed. ``timer`` says which loop measured.
+
+    Why two loops: on CUDA, ``triton.testing.do_bench`` is the loop kernel authors quote
+    (per-call events, the L2 cache flushed before each call, repetitions chosen by time),
+    so our numbers compare with theirs; it needs a GPU, so elsewhere (or without Triton,
+    or with ``flush_l2`` off, which do_bench cannot do) the engine's own loop runs:
+    ``warmup`` calls, then timed calls until the budget has passed with ``min_reps``."""
+    do_bench = _do_bench() if device.type == "cuda" and flush_l2 else None
+    if do_bench is not None:
+        times = do_bench(fn, rep=max(1.0, budget_s * 1e3), grad_to_none=list(grad_to_none), return_mode="all")
+        times, timer = list(times)[:max_reps], "do_bench"
+    else:
+        times, timer = _loop(fn, device, warmup, min_reps, max_reps, budget_s, grad_to_none), "loop"
+    qs = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+    return {
+        "time_ms_median": statistics.median(times),
+        "time_ms_iqr": qs[2] - qs[0],
+        "time_ms_min": min(times),
+        "n_timed": len(times),
+        "timer": timer,
+    }
+
+
+def _loop(fn, device: torch.device, warmup: int, min_reps: int, max_reps: int, budget_s: float, grads) -> list[float]:
+    def clear() -> None:
+        for t in grads:
+            t.grad = None
+
     for _ in range(warmup):
-        setup()
+        clear()
         fn()
     _sync(device)
-    flush = None
-    if device.type == "cuda" and flush_l2:
-        flush = torch.empty(256 * 2**20 // 4, dtype=torch.int32, device=device)  # larger than any L2
     times: list[float] = []
     start = time.perf_counter()
     while len(times) < max_reps:
-        setup()
-        if device.type == "cuda":
-            if flush is not None:
-                flush.zero_()  # evict the inputs from L2, outside the timed region
+        clear()
+        if device.type == "cuda":  # no L2 flush here (flush_l2=false)
             e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             e0.record()
             fn()
@@ -247,13 +268,14 @@ def time_fn(
             times.append((time.perf_counter() - t) * 1e3)
         if len(times) >= min_reps and time.perf_counter() - start > budget_s:
             break
-    qs = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
-    return {
-        "time_ms_median": statistics.median(times),
-        "time_ms_iqr": qs[2] - qs[0],
-        "time_ms_min": min(times),
-        "n_timed": len(times),
-    }
+    return times
+
+
+def calls_per_job(c: BenchConfig) -> int:
+    """About how many calls one measurement makes beyond its timed ones: the first call,
+    verification (and its backward), the warm-up (do_bench's estimate: 5 more), memory."""
+    cuda_warmup = 7 if c.device == "cuda" and c.flush_l2 else c.warmup
+    return 3 + (c.mode != "fwd") + cuda_warmup + c.min_reps
 
 
 def _status_field(name: str) -> int:
@@ -266,9 +288,10 @@ def _status_field(name: str) -> int:
 
 def peak_memory(case: Case) -> dict:
     """Peak bytes one (warm) call allocates beyond what was allocated before it."""
-    fn, setup = case.runner()
+    fn, grads = case.runner()
     dev = case.device
-    setup()
+    for t in grads:
+        t.grad = None
     _sync(dev)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -338,8 +361,8 @@ def measure_here(c: BenchConfig, impl: Impl) -> dict:
             row.update(peak_memory(case))
         if c.profile:  # after every timed call: no timed call runs under a profiler
             log.info("%s: profiling", label)
-            fn, setup = case.runner()
-            row.update(profile_call(fn, setup, case.device, profile_dir(row, c.results_dir), label))
+            fn, grads = case.runner()
+            row.update(profile_call(fn, grads, case.device, profile_dir(row, c.results_dir), label))
         if row["flops"]:
             row["tflops"] = row["flops"] / (row["time_ms_median"] * 1e-3) / 1e12
         tunables = case.impl.last_call().get("tunables")

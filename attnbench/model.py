@@ -102,13 +102,11 @@ class ModelCase:
         pass
 
     def runner(self):
-        """(the timed call, an untimed set-up before each) for the mode; the backward
-        computes the gradient of every parameter."""
+        """(the timed call, the tensors whose gradient is cleared before each) for the
+        mode; the backward computes the gradient of every parameter."""
         from .measure import runner_for
 
-        return runner_for(
-            self.config.mode, self.forward, self.cotangent, lambda: self.model.zero_grad(set_to_none=True)
-        )
+        return runner_for(self.config.mode, self.forward, self.cotangent, list(self.model.parameters()))
 
     def verify(self, out: torch.Tensor) -> dict:
         """The patched model against the unpatched one on the first grad_check_seq_len

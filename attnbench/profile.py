@@ -188,15 +188,16 @@ def _cuda_timeline(snapshot: dict) -> tuple[list[float], list[float]]:
     return times, levels
 
 
-def profile_call(fn, setup, device: torch.device, folder: Path, label: str) -> dict:
-    """Run ``setup()`` then one call of ``fn`` under the profiler; write the artefacts to
+def profile_call(fn, grads: list, device: torch.device, folder: Path, label: str) -> dict:
+    """Clear the ``grads`` then run one call of ``fn`` under the profiler; write the artefacts to
     ``folder``. Returns the row's ``profile`` field."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     cuda = device.type == "cuda"
     folder.mkdir(parents=True, exist_ok=True)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    setup()
+    for t in grads:
+        t.grad = None
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.memory._record_memory_history(max_entries=1_000_000)

@@ -34,7 +34,7 @@ COLUMNS = [
     "study", "impl", "model", "pattern", "window", "dilation", "causal", "global_tokens", "global_positions",
     "batch", "heads", "seq_len", "head_dim", "dtype", "device", "device_name", "mode",
     "status", "reason",
-    "time_ms_median", "time_ms_iqr", "time_ms_min", "first_call_ms", "setup_ms", "n_timed",
+    "time_ms_median", "time_ms_iqr", "time_ms_min", "first_call_ms", "setup_ms", "n_timed", "timer",
     "peak_mem_bytes", "mem_estimate_bytes", "flops", "tflops",
     "verified", "max_abs_err", "mean_abs_err", "tol", "grad_max_abs_err",
     "tunables", "profile",

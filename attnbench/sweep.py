@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from .config import BenchConfig
-from .measure import measure_here
+from .measure import calls_per_job, measure_here
 from .registry import Impl, get_impl
 from .results import base_row, identity
 from .tables import append_row, check_writable, done, rows_dir, table_path, write_row_file
@@ -138,7 +138,7 @@ def _predict_time(c: BenchConfig, series: list[dict], fwd: list[dict]) -> str | 
     n1, t1 = pts[-1]
     e = _exponent(pts, _exponent(_ok_points(fwd, c.seq_len, "time_ms_median"), 2.0, high=2.5), high=2.5)
     per_call = t1 * (c.seq_len / n1) ** e / 1e3
-    job = per_call * (4 + c.warmup + c.min_reps)  # first call, verification, warm-up, timed calls, memory
+    job = per_call * calls_per_job(c)
     if job > c.job_timeout_s:
         return (
             f"over the time budget: predicted ~{job:.0f} s for this job (~{per_call:.1f} s a call, "

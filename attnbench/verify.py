@@ -161,12 +161,18 @@ def reference_grads(
     dout: torch.Tensor,
     scale: float | None = None,
     *,
+    rows: list[int] | None = None,
     upcast: bool = True,
 ) -> tuple[torch.Tensor, ...]:
-    """(dq, dk, dv) of the reference (float64, or the control with ``upcast=False``)
-    for the output cotangent ``dout``."""
+    """(dq, dk, dv), each ``(B, H, n, D)``, of the reference (float64, or the control with
+    ``upcast=False``) for the output cotangent ``dout``; with ``rows``, of those query
+    rows' outputs only (``dout``'s other rows taken as zero), in O(len(rows) * n) memory."""
     leaves = [(t.detach().double() if upcast else t.detach().clone()).requires_grad_() for t in (q, k, v)]
-    out = reference(*leaves, pattern, scale, upcast=upcast)
+    if rows is None:
+        out = reference(*leaves, pattern, scale, upcast=upcast)
+    else:
+        out = reference_rows(*leaves, pattern, rows, scale, upcast=upcast)
+        dout = dout[:, :, rows]
     return torch.autograd.grad(out, leaves, dout.to(out.dtype))
 
 
@@ -179,11 +185,28 @@ def check_grads(
     dout: torch.Tensor,
     scale: float | None = None,
     what: str = "",
+    rows: list[int] | None = None,
 ) -> list[Verdict]:
     """The gradients of ``fn(q, k, v) -> out`` for the cotangent ``dout`` against the
-    reference's, one verdict each for dq, dk and dv."""
+    reference's, one verdict each for dq, dk and dv.
+
+    With ``rows`` (a long sequence), the cotangent is ``dout`` on those rows and zero
+    elsewhere, so ``fn``'s kernels run at full size while the reference needs only those
+    rows; dq is compared on the rows, dk and dv on the keys they reach."""
+    n = q.shape[2]
+    if rows is not None:
+        on = torch.zeros(n, dtype=torch.bool, device=dout.device)
+        on[rows] = True
+        dout = dout * on[:, None]  # (B, H, n, D): the sampled rows' cotangent only
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     got = torch.autograd.grad(fn(*leaves), leaves, dout.to(q.dtype))
-    want = reference_grads(q, k, v, pattern, dout, scale)
-    control = reference_grads(q, k, v, pattern, dout, scale, upcast=False)
-    return [judge(g, r, c, f"{what} d{name}".strip()) for name, g, r, c in zip("qkv", got, want, control)]
+    want = reference_grads(q, k, v, pattern, dout, scale, rows=rows)
+    control = reference_grads(q, k, v, pattern, dout, scale, rows=rows, upcast=False)
+    where = [slice(None)] * 3
+    if rows is not None:
+        reached = pattern.mask_rows(torch.as_tensor(rows), n, heads=q.shape[1]).any(0).any(0)  # (n,) keys
+        where = [torch.as_tensor(rows), reached.nonzero().flatten(), reached.nonzero().flatten()]
+    return [
+        judge(g[:, :, w], r[:, :, w], c[:, :, w], f"{what} d{name}".strip())
+        for name, g, r, c, w in zip("qkv", got, want, control, where)
+    ]

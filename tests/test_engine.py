@@ -61,6 +61,42 @@ def test_the_inputs_are_drawn_once_per_job(tmp_path, monkeypatch):
     assert built == [64]
 
 
+@pytest.mark.parametrize("mode, tensors", [("fwd", 3), ("fwd_bwd", 4)])
+def test_inputs_are_one_device_call_per_tensor(monkeypatch, mode, tensors):
+    """The same code path draws CUDA inputs: one ``torch.randn`` per tensor, made on the
+    configuration's device by a generator on that device (no host copy); no cotangent
+    in fwd mode."""
+    calls = []
+    real = torch.randn
+
+    def spy(*args, **kw):
+        calls.append((kw.get("device"), kw["generator"].device))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch, "randn", spy)
+    c = cfg(None, impl="naive", mode=mode).resolved()
+    case = measure_mod.Case.build(c, attnbench.get_impl("naive"))
+    assert calls == [(torch.device("cpu"), torch.device("cpu"))] * tensors
+    assert (case.dout is None) == (mode == "fwd")
+
+
+def test_cuda_timing_goes_through_do_bench(monkeypatch):
+    """On CUDA the timed calls are triton.testing.do_bench's, with the gradients to clear."""
+    seen = {}
+
+    def fake_do_bench(fn, rep, grad_to_none, return_mode):
+        seen.update(rep=rep, grads=grad_to_none, mode=return_mode)
+        return [3.0, 1.0, 2.0, 9.0]
+
+    monkeypatch.setattr(measure_mod, "_do_bench", lambda: fake_do_bench)
+    x = torch.zeros(2, requires_grad=True)
+    got = measure_mod.time_fn(lambda: None, torch.device("cuda"), 0.5, max_reps=3, grad_to_none=[x])
+    assert seen == {"rep": 500.0, "grads": [x], "mode": "all"}
+    assert (got["timer"], got["time_ms_median"], got["n_timed"]) == ("do_bench", 2.0, 3)
+    cpu = measure_mod.time_fn(lambda: None, torch.device("cpu"), 0.0, min_reps=2, max_reps=4)
+    assert cpu["timer"] == "loop" and cpu["n_timed"] == 2
+
+
 def test_wrong_result_gets_no_time(tmp_path, throwaway):
     throwaway("off_by_a_bit", lambda q, k, v, p, s: q * 0.5)
     row = measure(cfg(tmp_path, impl="off_by_a_bit"))
@@ -118,6 +154,25 @@ def test_the_gradient_gate_at_its_boundary(tmp_path, throwaway, dtype):
         row = measure(c)
         assert row["status"] == status, (scale, row["reason"])
     assert "gradient n=64 dq: max abs diff" in row["reason"]
+
+
+@pytest.mark.parametrize("where", ["dq", "dk"])
+def test_gradients_are_checked_at_the_measured_size_by_sampled_rows(tmp_path, throwaway, where):
+    """A backward wrong only near the end of a long sequence (where a short prefix check
+    never looks) is caught by the sampled rows' gradients at full size: dq on the last
+    row, dk on a key only the last rows reach."""
+    n = 600
+    delta = torch.zeros(1, 2, n, 16, dtype=torch.float64)
+    delta[0, 1, n - 1, 3] = 0.05
+    nudge = {"dq": lambda q, k: (Nudge.apply(q, delta), k), "dk": lambda q, k: (q, Nudge.apply(k, delta))}[where]
+    throwaway("late_grad", lambda q, k, v, p, s: naive(*nudge(q, k), v, p, s))
+    c = cfg(tmp_path, impl="late_grad", mode="fwd_bwd", seq_len=n, heads=2, head_dim=16, window=8,
+            exact_verify_bytes=0)  # fmt: skip
+    row = measure(c)
+    assert row["status"] == "wrong" and f"gradient n={n} {where}" in row["reason"], row["reason"]
+    assert row["verified"].startswith("rows")
+    delta.zero_()
+    assert measure(c)["status"] == "ok"
 
 
 @pytest.mark.parametrize("dtype, factor", [("fp32", 1.001), ("bf16", 1.01)])
