@@ -1,534 +1,511 @@
-"""One command to verify and measure everything on a CUDA GPU.
+"""The first run on a CUDA GPU, in one call that fits a short lease::
 
-    python -m attnbench.gpu_check OUTDIR            # or: scripts/gpu_check.sh OUTDIR
-    python -m attnbench.gpu_check OUTDIR --dry-run  # print the plan, touch no GPU
-    python -m attnbench.gpu_check OUTDIR --stages targets,tests,scaling --budget 580
+    scripts/gpu_check.sh OUTDIR                 # python -m attnbench.gpu_check OUTDIR
+    scripts/gpu_check.sh OUTDIR --dry-run       # the ordered plan and its time estimate, no GPU
 
-Needs only what a GPU machine usually has (torch; triton, cupy, pytest, pandas and
-matplotlib where installed); no Hydra, no network. In one run it
+Needs only what a GPU machine usually has (torch; triton, cupy, pytest, pandas,
+matplotlib where installed): no Hydra, no network. What only a GPU can show comes
+first, so a run cut short loses the least:
 
-1. prints the GPU, driver and library versions;
-2. measures the ceilings results are quoted against: the bf16 matrix-multiply rate
-   (8192^3) and the device-to-device copy bandwidth;
-3. (stage "tests") runs the whole test suite on CUDA (Triton compiled, CuPy enabled),
-   as parallel pytest shards: its time is kernel compilation (Triton per head_dim
-   and dtype, FlexAttention per shape), which one process would do on one core;
-4. (stage "targets", on request) times "triton" against FlexAttention where the
-   Triton kernel's targets are set: B=1, H=16, n=32768, window 512, bf16, head_dim
-   64 and 128, dilation 1 and 2, forward and forward + backward;
-5. (stage "scaling") runs a short scaling study of every available implementation
-   over n = 1024 ... 32768 (forward; forward + backward at the largest n),
-   Longformer-base shape (heads 12, head_dim 64, window 512), bf16 then fp32;
-6. writes the results tables, the figure and a log to OUTDIR as it goes (a run
-   stopped early keeps what it measured), a summary at the largest n, and the verdict
-   on every performance target it has rows for (verdict.csv: measured, required,
-   pass / FAIL / missing).
+1. environment: versions; a C compiler and Python's headers (Triton and inductor build
+   a launcher with them at their first launch); a one-element Triton launch and one
+   CuPy compile, in a child process. What fails there is a reason on its rows.
+2. ceilings: the bf16 matmul rate and the copy bandwidth results are quoted against.
+3. correctness: triton and cupy at the sizes measured later, forward and backward, so
+   the autotuned configs are verified (sampled reference rows, :mod:`attnbench.verify`).
+4. targets: the configurations of ``conf/gpu_targets.csv``, triton's before the rest.
+5. scaling: every implementation over n, triton, cupy and chunked first.
+6. tests: the suite on CUDA (pytest-xdist, Triton's kernel groups kept on one worker).
 
-Timing and memory go through the benchmark engine (attnbench.sweep), as everywhere
-else. The run is held to --budget seconds (default 450, for "within 8 minutes").
+Every measurement is the benchmark engine's (:func:`attnbench.sweep.sweep`). Each
+stage's first job per implementation runs in a child process (compiling and autotuning
+are where a fault is likely), so a fault costs a row; a CUDA error in this process
+stops the stage, and later stages then run every job in a child. Each job's time limit
+comes from what the stage has left. Then the verdict: every row of the targets file,
+measured against required, pass / FAIL / missing.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import dataclasses
+import importlib
+import importlib.util
 import json
+import logging
 import os
 import platform
-import re
+import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
+from .config import BenchConfig
+from .measure import calls_per_job
+
 ROOT = Path(__file__).resolve().parent.parent
-
-SEQ_LENS = [1024, 2048, 4096, 8192, 16384, 32768]
-#: the whole run, seconds (the issue's "within 8 minutes", with some margin)
-BUDGET_S = 450.0
-#: kept back from the scaling study for the figure, the summary and a job in flight
-RESERVE_S = 30.0
-DTYPES = ["bf16", "fp32"]
-PATTERNS = {"w512": {}}
-
-
-class Log:
-    """Print and append to OUTDIR/gpu_check.log at once."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-
-    def __call__(self, *parts: object) -> None:
-        msg = " ".join(str(p) for p in parts)
-        print(msg, flush=True)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(msg + "\n")
+#: the performance targets, as data (attnbench.conf is conf/ in a checkout)
+TARGETS = Path(importlib.import_module("attnbench.conf").__file__).parent / "gpu_targets.csv"
+STAGES = ("correctness", "targets", "scaling", "tests")
+MEASURING = STAGES[:3]
+#: seconds planned per stage; what a stage leaves passes on to the next
+ALLOWANCE = {"correctness": 105.0, "targets": 160.0, "scaling": 145.0, "tests": 120.0}
+RESERVE_S = 25.0  # the figure, summary and verdict, and a stopped test run's report
+FIRST = ("triton", "cupy", "chunked")
+#: how each stage times: correctness only verifies; the rest follow the engine's defaults
+STAGE_SETTINGS = {
+    "correctness": dict(time_budget_s=0.0, warmup=0, min_reps=1, max_reps=1, memory=False, job_timeout_s=120),
+    "targets": dict(time_budget_s=0.5, warmup=2, min_reps=5, max_reps=100, job_timeout_s=60),
+    "scaling": dict(time_budget_s=0.3, warmup=1, min_reps=3, max_reps=50, job_timeout_s=20),
+}
+CUDA_FAULTS = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+               "illegal instruction", "cuda error", "cudaerror", "cublas_status_execution_failed")  # fmt: skip
+log = logging.getLogger("attnbench.gpu_check")
 
 
-def environment(log: Log) -> dict:
+# ---------------------------------------------------------------------- the plan
+@dataclasses.dataclass
+class Job:
+    stage: str
+    config: BenchConfig
+    child: bool = False  # the stage's first job of this implementation: a process of its own
+
+
+def targets() -> list[dict]:
+    """The rows of ``conf/gpu_targets.csv``: one performance target each, with the
+    configuration it is measured at."""
+    with open(TARGETS, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _config(t: dict, impl: str, **kw) -> BenchConfig:
+    fields = {k: int(t[k]) for k in ("batch", "heads", "seq_len", "head_dim", "window", "dilation")}
+    fields.update(dtype=t["dtype"], mode=t["mode"], device="cuda", isolate=False)
+    return BenchConfig(impl=impl, **{**fields, **kw})
+
+
+def _first(names: set[str]) -> list[str]:
+    return sorted(names, key=lambda s: (FIRST.index(s) if s in FIRST else len(FIRST), s))
+
+
+def _cuda_impls() -> list[str]:
+    from .registry import get_impl, list_impls
+
+    return _first({name for name in list_impls() if "cuda" in get_impl(name).devices})
+
+
+def plan(stages: list[str]) -> list[Job]:
+    """Every measuring job of ``stages``, in the order they run."""
+    rows, jobs = targets(), []
+
+    def add(stage: str, configs: list[BenchConfig]) -> None:
+        seen, started = set(), set()
+        for c in configs:
+            c = dataclasses.replace(c, study=stage, **STAGE_SETTINGS[stage])
+            key = repr(c)
+            if key not in seen:
+                seen.add(key)
+                jobs.append(Job(stage, c, child=c.impl not in started))
+                started.add(c.impl)
+
+    if "correctness" in stages:  # fwd_bwd verifies the output and the gradients
+        want = [_config(t, i, mode="fwd_bwd") for t in rows for i in (t["impl"], t["baseline"]) if i in FIRST[:2]]
+        add("correctness", sorted(want, key=lambda c: FIRST.index(c.impl)))
+    if "targets" in stages:
+        mine = [t for t in rows if t["stage"] == "targets"]
+        add("targets", [_config(t, t[i]) for i in ("impl", "baseline") for t in mine if t[i]])
+    if "scaling" in stages:
+        t = next(t for t in rows if t["stage"] == "scaling")  # its shape; n up to its seq_len
+        lens = [2**e for e in range(10, int(t["seq_len"]).bit_length())]
+        impls = _cuda_impls()
+        configs = []
+        for impl in impls:  # fp32 only where a target needs it
+            for dtype in ("bf16", "fp32") if impl in FIRST else ("bf16",):
+                base = dict(t, dtype=dtype, dilation=1)
+                configs += [_config(dict(base, seq_len=n), impl, mode="fwd") for n in lens]
+                configs.append(_config(base, impl, mode="fwd_bwd"))
+        add("scaling", configs)
+    return jobs
+
+
+# Rough H100-class figures for the dry run's estimate: a child's start (Python, torch,
+# the CUDA context), the first compile of each kernel family, and sustained rates.
+START_S = 6.0
+COMPILE_S = {("triton", "fwd"): 9.0, ("triton", "fwd_bwd"): 27.0, ("flex", "fwd"): 15.0, ("flex", "fwd_bwd"): 45.0,
+             ("cupy", "fwd"): 3.0, ("cupy", "fwd_bwd"): 6.0}  # fmt: skip
+TFLOPS = {"triton": 150, "flash_attn": 300, "flex": 100, "cupy": 25, "chunked": 30, "hf_longformer": 20,
+          "sdpa": 150, "naive": 80, "loop": 0.05}  # fmt: skip
+DENSE = {"naive", "sdpa"}  # work n^2, whatever the pattern
+
+
+def estimate_s(job: Job, compiled: set) -> float:
+    """About how long ``job`` takes on an H100-class GPU (the dry run's plan check)."""
+    from .registry import get_impl, required_features
+    from .results import MODE_WORK
+
+    c = job.config
+    impl = get_impl(c.impl)  # installed on the GPU machine or not, what it cannot do is a skipped row
+    needs = required_features(c.pattern(), backward=c.mode != "fwd")
+    if c.torch_dtype() not in impl.dtypes or any(f not in impl.features for f in needs):
+        return 0.0
+    pairs = c.heads * c.seq_len**2 if c.impl in DENSE else c.pattern().pairs(c.seq_len, c.heads)
+    per_call = 4.0 * c.head_dim * pairs * c.batch * MODE_WORK[c.mode] / (TFLOPS.get(c.impl, 30) * 1e12)
+    # Triton compiles per head_dim and dtype; flex per pattern (later shapes reuse a dynamic graph)
+    key = (c.impl, c.mode, c.head_dim, c.dtype) if c.impl != "flex" else (c.impl, c.mode, c.dilation)
+    compile_s = 0.0 if key in compiled else COMPILE_S.get((c.impl, c.mode), 0.0)
+    compiled.add(key)
+    total = (START_S if job.child else 0.0) + compile_s + per_call * calls_per_job(c) + c.time_budget_s
+    return min(total, c.job_timeout_s + (START_S if job.child else 0.0))
+
+
+# ---------------------------------------------------------------------- environment
+def environment() -> dict:
+    """Versions, the GPU and the checks that need no GPU; ``checks`` maps a check to ""
+    (passed) or what is wrong."""
     import torch
 
-    info = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "cuda_runtime": torch.version.cuda,
-        "host": platform.node(),
-    }
-    for mod in ("triton", "cupy", "transformers", "flash_attn", "pandas", "matplotlib", "pytest", "hydra"):
+    info: dict = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for mod in ("triton", "cupy", "transformers", "flash_attn", "pandas", "matplotlib", "pytest", "xdist"):
         try:
-            m = __import__(mod)
-            info[mod] = getattr(m, "__version__", "?")
+            info[mod] = getattr(__import__(mod), "__version__", "?")
         except Exception as e:  # absent or broken: say which
             info[mod] = f"not available ({type(e).__name__})"
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, sms=p.multi_processor_count, gpu_mem_gib=round(p.total_memory / 2**30, 1))
-        with contextlib.suppress(Exception):
-            q = "--query-gpu=driver_version,clocks.max.sm,power.limit"
-            r = subprocess.run(["nvidia-smi", q, "--format=csv,noheader"], capture_output=True, text=True, timeout=20)
-            info["nvidia_smi"] = r.stdout.strip()
-    for k, v in info.items():
-        log(f"  {k}: {v}")
+    cc = os.environ.get("CC") or next((shutil.which(x) for x in ("cc", "gcc", "clang") if shutil.which(x)), None)
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    info["checks"] = {
+        "C compiler": "" if cc else "no C compiler (CC, cc, gcc or clang): Triton and inductor need one",
+        "Python headers": "" if headers.exists() else f"{headers} missing: Triton and inductor need it",
+    }
     return info
 
 
-def ceilings(log: Log) -> dict:
-    """bf16 matmul TFLOP/s and device-to-device copy GB/s (median of timed repeats)."""
+_LAUNCH = r"""
+import json, torch
+out = {}
+try:
+    import triton, triton.language as tl
+    @triton.jit
+    def one(x):
+        tl.store(x, tl.load(x) + 1.0)
+    x = torch.zeros(1, device="cuda"); one[(1,)](x); torch.cuda.synchronize()
+    out["Triton launch"] = "" if x.item() == 1.0 else f"wrong value {x.item()}"
+except Exception as e:
+    out["Triton launch"] = f"{type(e).__name__}: {e}"[:300]
+try:
+    import cupy
+    k = cupy.RawKernel('extern "C" __global__ void one(float* x) { x[0] += 1.0f; }', "one")
+    y = cupy.zeros(1, dtype=cupy.float32); k((1,), (1,), (y,)); cupy.cuda.runtime.deviceSynchronize()
+    out["CuPy compile"] = "" if float(y[0]) == 1.0 else f"wrong value {float(y[0])}"
+except Exception as e:
+    out["CuPy compile"] = f"{type(e).__name__}: {e}"[:300]
+print(json.dumps(out))
+"""
+
+
+def launch_checks(timeout_s: float = 120.0) -> dict:
+    """A one-element Triton launch and one CuPy compile, in a child process."""
+    try:
+        r = subprocess.run([sys.executable, "-c", _LAUNCH], capture_output=True, text=True, timeout=timeout_s)
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    except Exception as e:  # the child crashed or hung: both unknown
+        why = f"the check itself failed: {type(e).__name__}: {e}"[:300]
+        return {"Triton launch": why, "CuPy compile": why}
+
+
+#: which implementations a failed check takes down
+CHECK_IMPLS = {"C compiler": ("triton", "flex"), "Python headers": ("triton", "flex"),
+               "Triton launch": ("triton",), "CuPy compile": ("cupy",)}  # fmt: skip
+
+
+def ceilings() -> dict:
+    """bf16 matmul TFLOP/s (8192^3) and device-to-device copy GB/s, through the engine's
+    timing path."""
     import torch
 
-    from attnbench.measure import time_fn
+    from .measure import time_fn
 
-    def timed(fn, reps: int) -> float:  # the engine's timing loop, L2 not flushed: these stream far more
-        return time_fn(fn, lambda: None, torch.device("cuda"), 3, reps, reps, 0.0, flush_l2=False)["time_ms_median"]
+    dev, n = torch.device("cuda"), 8192
 
-    n = 8192
-    x = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    y = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    ms = timed(lambda: torch.matmul(x, y), 10)
-    tflops = 2 * n**3 / (ms * 1e-3) / 1e12
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms_copy = timed(lambda: dst.copy_(src), 10)
-    gbs = 2 * src.numel() / (ms_copy * 1e-3) / 1e9  # bytes read + written
-    x = y = src = dst = None
+    def ms(op, *tensors) -> float:  # the tensors are freed on return
+        return time_fn(lambda: op(*tensors), dev, 0.2)["time_ms_median"]
+
+    mm = ms(torch.matmul, *(torch.randn(n, n, device=dev, dtype=torch.bfloat16) for _ in range(2)))
+    cp = ms(torch.Tensor.copy_, *(torch.empty(2**30, dtype=torch.uint8, device=dev) for _ in range(2)))
     torch.cuda.empty_cache()
-    log(f"  bf16 matmul 8192^3: {tflops:.0f} TFLOP/s;  device copy: {gbs:.0f} GB/s (read + write)")
-    return {"bf16_matmul_tflops": tflops, "copy_gbs": gbs}
+    return {"bf16_matmul_tflops": 2 * n**3 / (mm * 1e-3) / 1e12, "copy_gbs": 2 * 2**30 / (cp * 1e-3) / 1e9}
 
 
-def default_shards() -> int:
-    """Parallel pytest processes for the test stage: its time goes into compiling
-    kernels (Triton, FlexAttention), one CPU core each; half the cores, at most 8."""
+# ---------------------------------------------------------------------- measuring stages
+def _skip(c: BenchConfig, reason: str) -> None:
+    from .results import base_row
+    from .tables import append_row, table_path
+
+    row = base_row(c)  # complete as planned: device="cuda" needs no resolving
+    row["status"], row["reason"] = "skipped", reason
+    append_row(table_path(c), row)
+
+
+def run_stage(stage: str, jobs: list[Job], outdir: Path, deadline: float, state: dict) -> None:
+    """Measure ``jobs`` into OUTDIR/<stage>.csv by the time ``deadline``; what is left
+    then becomes skipped rows. ``state``: ``down`` (impl -> why its environment check
+    failed) and ``poisoned`` (a CUDA error hit this process), which this may set."""
+    from .sweep import sweep
+
+    history: dict = {}
+    stop = ""
+    for i, job in enumerate(jobs, 1):
+        c = dataclasses.replace(job.config, results_dir=str(outdir))
+        left = deadline - time.time()
+        if stop or left < 1:
+            _skip(c, stop or f"over the time budget: gpu_check's {stage} stage ran out of time")
+            continue
+        if c.impl in state["down"]:
+            _skip(c, f"unavailable: the environment check failed: {state['down'][c.impl]}")
+            continue
+        child = job.child or state["poisoned"]
+        c = dataclasses.replace(c, isolate=child, job_timeout_s=max(5.0, min(c.job_timeout_s, left)))
+        row = sweep([c], progress=False, history=history)[0]
+        t = row.get("time_ms_median")
+        log.info("  [%d/%d] %-13s %s D=%-3d d=%d n=%-6d %-7s %-7s %10s %s%s", i, len(jobs), c.impl, c.dtype,
+                 c.head_dim, c.dilation, c.seq_len, c.mode, row["status"], f"{t:.3f} ms" if t else "",
+                 "(child) " if child else "", str(row["reason"] or "")[:160])  # fmt: skip
+        fault = row["status"] == "error" and any(f in str(row["reason"]).lower() for f in CUDA_FAULTS)
+        if fault and not child:
+            state["poisoned"] = True
+            stop = f"not run: a CUDA error in {c.impl} left this process's GPU context unusable"
+            log.error("  CUDA error in this process: the rest of %s is skipped; later stages run in children", stage)
+
+
+# ---------------------------------------------------------------------- the tests
+def junit_counts(path: Path) -> tuple[dict, list[str]]:
+    """(counts by outcome, "id: message" of each failure and error) from a JUnit file."""
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0}
+    failed = []
+    for case in ET.parse(path).getroot().iter("testcase"):
+        if not case.get("name"):  # the test an interrupt stopped: no outcome
+            continue
+        tags = {child.tag: child for child in case}
+        kind = next((k for k in ("failure", "error", "skipped") if k in tags), None)
+        counts[{"failure": "failed", "error": "errors", "skipped": "skipped", None: "passed"}[kind]] += 1
+        if kind in ("failure", "error"):
+            msg = " ".join(str(tags[kind].get("message", "")).split())
+            failed.append(f"{case.get('classname')}::{case.get('name')}: {msg}"[:300])
+    return counts, failed
+
+
+def run_tests(outdir: Path, limit_s: float, workers: int, paths: tuple[str, ...] = ("tests",),
+              device: str = "cuda", grace_s: float = 20.0) -> dict:  # fmt: skip
+    """The suite on ``device``, with ``workers`` pytest-xdist processes (``--dist
+    loadgroup``: tests/conftest.py groups Triton's tests by head_dim and dtype, so one
+    worker compiles each kernel set). At ``limit_s`` it is interrupted, which still
+    writes the JUnit file of what ran; counts and failures come from that file."""
+    env = dict(os.environ, ATTNBENCH_TEST_DEVICE=device)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env.pop("TRITON_INTERPRET", None)
+    xml = outdir / "tests.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *paths, "--tb=short",
+           "--continue-on-collection-errors", f"--junitxml={xml}"]  # fmt: skip
+    if workers > 1 and importlib.util.find_spec("xdist"):
+        cmd += ["-n", str(workers), "--dist", "loadgroup"]
+        # each worker's inductor compiles with a share of the cores, not all of them
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 2) // workers)))
+    elif workers > 1:
+        log.warning("  pytest-xdist is not installed: the tests run in one process")
+    log.info("  $ %s", " ".join(cmd[1:]))
+    t0 = time.time()
+    with open(outdir / "tests.log", "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        stopped = False
+        try:
+            rc = proc.wait(timeout=max(1.0, limit_s))
+        except subprocess.TimeoutExpired:
+            stopped = True
+            proc.send_signal(signal.SIGINT)  # pytest stops its workers and reports what ran
+            try:
+                rc = proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                rc = proc.wait()
+    counts, failed = junit_counts(xml) if xml.exists() else ({}, [])
+    summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no JUnit report"
+    summary += " (stopped at the time limit)" if stopped else ""
+    log.info("  tests: exit %s after %.0f s: %s", rc, time.time() - t0, summary)
+    for line in failed:
+        log.info("    FAILED %s", line)
+    return {"rc": rc, "counts": counts, "failed": failed, "stopped": stopped}
+
+
+# ---------------------------------------------------------------------- the verdict
+def _ok_row(rows: list[dict], t: dict, impl: str) -> dict | None:
+    """The latest row of ``impl`` at target ``t``'s configuration, if it is ok."""
+    from .results import base_row, identity
+
+    want = identity(base_row(dataclasses.replace(_config(t, impl), study=t["stage"])))
+    mine = [r for r in rows if identity(r) == want]
+    return mine[-1] if mine and mine[-1]["status"] == "ok" else None
+
+
+def _value(t: dict, rows: list[dict]) -> float | None:
+    """Target ``t``'s measure from ``rows``; None where a row it needs is missing."""
+    col = "time_ms_median" if t["measure"] in ("speedup", "time_ratio") else "peak_mem_bytes"
+    got = [_ok_row(rows, t, t[k]) if t[k] else None for k in ("impl", "baseline")]
+    a, b = (float(r[col]) if r and r.get(col) not in (None, "") else None for r in got)
+    if t["measure"] == "extra_memory":  # the peak over the output and an fp32 value per row
+        c = _config(t, t["impl"])
+        b = c.batch * c.heads * c.seq_len * (c.head_dim * c.torch_dtype().itemsize + 4)
+    if not (a and b):
+        return None
+    return b / a if t["measure"] == "speedup" else a / b
+
+
+def verdict(outdir: Path) -> list[dict]:
+    """Each correctness row, then each target of ``conf/gpu_targets.csv`` from the latest
+    rows in OUTDIR: measured, required, pass / FAIL / missing; into verdict.csv."""
+    from .tables import read_rows
+
+    tables = {s: read_rows(outdir / f"{s}.csv") for s in MEASURING}
+    out = []
+    for r in tables["correctness"]:
+        what = f"{r['impl']} correct, {r['dtype']} D={r['head_dim']} d={r['dilation']} n={r['seq_len']} {r['mode']}"
+        status = {"ok": "pass", "wrong": "FAIL"}.get(r["status"], "missing")
+        out.append({"target": what, "measured": r["status"], "required": "ok", "status": status})
+    for t in targets():
+        v, need = _value(t, tables[t["stage"]]), float(t["required"])
+        status = "missing" if v is None else "pass" if (v >= need if t["op"] == ">=" else v <= need) else "FAIL"
+        what = f"{t['target']}, {t['dtype']} D={t['head_dim']} d={t['dilation']} n={t['seq_len']} {t['mode']}"
+        out.append({"target": what, "measured": "" if v is None else f"{v:.3g}",
+                    "required": f"{t['op']} {t['required']}", "status": status})  # fmt: skip
+    with open(outdir / "verdict.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["target", "measured", "required", "status"])
+        w.writeheader()
+        w.writerows(out)
+    return out
+
+
+# ---------------------------------------------------------------------- the command
+def _stages(text: str) -> list[str]:
+    got = [x.strip() for x in text.split(",") if x.strip()]
+    if not got or any(x not in STAGES for x in got):
+        raise argparse.ArgumentTypeError(f"{text!r}: a comma-separated list of {', '.join(STAGES)}")
+    return [x for x in STAGES if x in got]
+
+
+def _workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-_COUNTS = re.compile(r"(\d+) (passed|failed|errors?|skipped|xfailed|xpassed)\b")
-_PROGRESS = re.compile(r"^([.FEsxX]+)\s*(?:\[\s*\d+%\])?$")
-
-
-def run_tests(
-    outdir: Path, log: Log, limit_s: float, shards: int = 1, targets: tuple[str, ...] = ("tests",), device: str = "cuda"
-) -> dict:
-    """The test suite on ``device`` as ``shards`` parallel pytest processes (disjoint
-    parts, see ATTNBENCH_SHARD in tests/conftest.py), each with its own log and JUnit
-    file in OUTDIR; all are stopped at ``limit_s``. Returns the summed counts, the
-    failed test ids and one return code (0 only if every shard passed)."""
-    env = dict(os.environ, ATTNBENCH_TEST_DEVICE=device, PYTHONPATH=str(ROOT))
-    env.pop("TRITON_INTERPRET", None)
-    # a module that cannot be imported there (a package the GPU machine lacks) is an
-    # error in the counts, not the end of the suite
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *targets, "-rfEs", "--tb=short",
-           "--continue-on-collection-errors"]  # fmt: skip
-    log(f"  $ ATTNBENCH_TEST_DEVICE={device} " + " ".join(cmd[1:]) + (f"  (x {shards} shards)" if shards > 1 else ""))
-    t0 = time.time()
-    procs = []
-    for i in range(shards):
-        name = "tests" if shards == 1 else f"tests-{i}"
-        env_i = dict(env, ATTNBENCH_SHARD=f"{i}/{shards}") if shards > 1 else env
-        f = open(outdir / f"{name}.log", "w")
-        # own process group: a timeout also stops the compile workers a shard started
-        p = subprocess.Popen([*cmd, "--junitxml", str(outdir / f"{name}.xml")], cwd=ROOT, env=env_i, stdout=f,
-                             stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        procs.append((name, p, f))
-    rcs: list = []
-    for _, p, f in procs:
-        try:
-            rcs.append(p.wait(timeout=max(0.0, t0 + limit_s - time.time())))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            rcs.append("timeout")
-        f.close()
-    counts: dict[str, int] = {}
-    failed: list[str] = []
-    for name, _, _ in procs:
-        lines = (outdir / f"{name}.log").read_text(errors="replace").splitlines()
-        failed += [ln for ln in lines if ln.startswith(("FAILED ", "ERROR "))]
-        final = next((ln for ln in reversed(lines) if _COUNTS.search(ln) and " in " in ln), "")  # "3 passed in 2.1s"
-        if final:
-            for n, what in _COUNTS.findall(final):
-                what = "errors" if what.startswith("error") else what
-                counts[what] = counts.get(what, 0) + int(n)
-        else:  # stopped before its summary: count its progress marks ("..s.F  [ 40%]")
-            marks = "".join(m.group(1) for ln in lines if (m := _PROGRESS.match(ln)))
-            for ch, what in ((".", "passed"), ("F", "failed"), ("E", "errors"), ("s", "skipped")):
-                if marks.count(ch):
-                    counts[what] = counts.get(what, 0) + marks.count(ch)
-    rc = 0 if all(r == 0 for r in rcs) else next(r for r in rcs if r != 0)
-    summary = ", ".join(f"{v} {k}" for k, v in counts.items()) or "no summary line"
-    if "timeout" in rcs:
-        summary += " (so far: a shard was stopped at the time limit)"
-    log(
-        f"  tests: exit {rc} after {time.time() - t0:.0f} s: {summary}"
-        + (f"  (shard exits {rcs})" if shards > 1 else "")
-    )
-    for ln in failed:
-        log("    " + ln[:300])
-    return {"rc": rc, "counts": counts, "failed": failed, "summary": summary}
-
-
-def plan(quick: bool = False) -> list:
-    """The scaling configurations, in the order they run."""
-    from attnbench.config import BenchConfig
-
-    lens = SEQ_LENS[::2] if quick else SEQ_LENS
-    base = BenchConfig(
-        device="cuda",
-        heads=12,
-        head_dim=64,
-        window=512,
-        study="gpu-scaling",
-        isolate=False,  # one process: CUDA start-up per job would cost more than the jobs
-        time_budget_s=0.3,
-        min_reps=3,
-        max_reps=50,
-        warmup=1,
-        job_timeout_s=20,  # predictive guard: a series stops when a job would exceed this
-    )
-    import attnbench
-
-    impls = [im.name for im in attnbench.available_impls()]
-    out = []
-    # bf16 first, its forward + backward right after its forward: if the time budget
-    # runs out, what is cut is the fp32 repeat, not the figures the targets quote
-    for dtype in DTYPES:
-        for extra in PATTERNS.values():
-            for impl in impls:
-                for n in lens:
-                    out.append(dataclasses.replace(base, impl=impl, dtype=dtype, seq_len=n, mode="fwd", **extra))
-        for impl in impls:
-            out.append(dataclasses.replace(base, impl=impl, dtype=dtype, seq_len=lens[-1], mode="fwd_bwd"))
-    return out
-
-
-def targets_plan() -> list:
-    """The configurations the Triton kernel's targets are quoted at: B=1, H=16,
-    n=32768, window 512, bf16, head_dim 64 and 128, dilation 1 and 2, forward and
-    forward + backward, for "triton" and for FlexAttention ("flex") on the same pattern."""
-    from attnbench.config import BenchConfig
-
-    base = BenchConfig(
-        device="cuda",
-        batch=1,
-        heads=16,
-        seq_len=32768,
-        window=512,
-        dtype="bf16",
-        study="targets",
-        isolate=False,
-        time_budget_s=0.5,
-        min_reps=5,
-        max_reps=100,
-        warmup=2,
-        job_timeout_s=60,
-    )
-    out = []
-    for head_dim in (64, 128):
-        for dilation in (1, 2):
-            for mode in ("fwd", "fwd_bwd"):
-                for impl in ("triton", "flex"):
-                    out.append(dataclasses.replace(base, impl=impl, head_dim=head_dim, dilation=dilation, mode=mode))
-    return out
-
-
-def run_stage(name: str, configs: list, outdir: Path, log: Log, limit_s: float, ceil: dict) -> Path:
-    """Measure ``configs`` one by one with the benchmark engine into OUTDIR/<name>.csv
-    (each row written as it comes); those left when ``limit_s`` is spent become rows
-    marked skipped. Logs a line per job, then the rows at the largest n."""
-    from attnbench.results import base_row, format_rows
-    from attnbench.sweep import sweep
-    from attnbench.tables import append_row
-
-    csv_path = outdir / f"{name}.csv"
-    configs = [dataclasses.replace(c, results_dir=str(outdir), study=name) for c in configs]
-    deadline = time.time() + limit_s
-    rows = []
-    for i, c in enumerate(configs):
-        if time.time() > deadline:
-            try:
-                row = base_row(c.resolved())
-            except ValueError:
-                continue
-            row["status"], row["reason"] = "skipped", f"over the time budget: gpu_check's {name} stage ran out of time"
-            append_row(csv_path, row)
-            continue
-        # one at a time so the stage deadline holds (the sweeps of a process share the
-        # series history the predictive guards use)
-        try:
-            r = sweep([c], progress=False)[0]
-        except Exception as e:  # an invalid configuration: say so, go on with the rest
-            log(f"  [{i + 1}/{len(configs)}] {c.impl} n={c.seq_len}: not run: {type(e).__name__}: {e}"[:240])
-            continue
-        rows.append(r)
-        t = r.get("time_ms_median")
-        log(
-            f"  [{i + 1}/{len(configs)}] {c.impl:14s} {c.dtype} {r['pattern']:8s} D={c.head_dim:<3d} n={c.seq_len:6d} "
-            f"{c.mode:7s} {r['status']:7s} {f'{t:.3f} ms' if t else '':>12s} {r['reason'] or ''}"[:240]
-        )
-    peak = ceil.get("bf16_matmul_tflops")
-    if peak:
-        log(f"  (fractions below are of the measured bf16 matmul rate, {peak:.0f} TFLOP/s)")
-    big = [r for r in rows if r["seq_len"] == max(c.seq_len for c in configs)]
-    if big:
-        log(format_rows(big))
-    return csv_path
-
-
-def scaling(outdir: Path, log: Log, limit_s: float, quick: bool, ceil: dict) -> Path:
-    return run_stage("scaling", plan(quick), outdir, log, limit_s, ceil)
-
-
-# ---------------------------------------------------------------- verdict
-def _read(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _num(row: dict | None, col: str) -> float | None:
-    try:
-        return float(row[col]) if row else None
-    except (TypeError, ValueError):  # an empty cell
-        return None
-
-
-def verdict(outdir: Path, log: Log, ceil: dict) -> list[dict]:
-    """Each performance target of the Triton and CuPy kernels, from the rows in OUTDIR
-    (targets.csv, scaling.csv; the latest row of each configuration): measured,
-    required, and pass, FAIL or missing (no ok row). Written to OUTDIR/verdict.csv."""
-
-    def pick(rows, **want):
-        for r in reversed(rows):  # the latest, if OUTDIR holds earlier runs too
-            if r.get("status") == "ok" and all(str(r.get(k)) == str(v) for k, v in want.items()):
-                return r
-        return None
-
-    out: list[dict] = []
-
-    def add(issue, target, measured, op, required, note=""):
-        if measured is None:
-            status = "missing"
+def dry_run(stages: list[str], budget: float, workers: int) -> int:
+    env = environment()
+    print(f"gpu_check plan for {budget:.0f} s (estimates for an H100-class GPU; this machine: "
+          f"{'a CUDA GPU' if env.get('gpu') else 'no GPU'})")  # fmt: skip
+    for name, problem in env["checks"].items():
+        print(f"  check {name}: {problem or 'ok'}")
+    compiled: set = set()
+    total = 15.0  # the environment and the ceilings
+    print("  environment + ceilings: ~15 s")
+    for stage in stages:
+        if stage == "tests":
+            est = ALLOWANCE["tests"]
+            how = f"pytest -n {workers} --dist loadgroup" if importlib.util.find_spec("xdist") else "one process"
+            print(f"  tests (allowance {ALLOWANCE['tests']:.0f} s, ~{est:.0f} s): {how}")
         else:
-            status = "pass" if (measured >= required if op == ">=" else measured <= required) else "FAIL"
-        out.append({"issue": issue, "target": target, "measured": "" if measured is None else f"{measured:.3g}",
-                    "required": f"{op} {required:g}", "status": status, "note": note})  # fmt: skip
-
-    def speedup(slow, fast):
-        a, b = _num(slow, "time_ms_median"), _num(fast, "time_ms_median")
-        return a / b if a and b else None
-
-    tg = _read(outdir / "targets.csv")
-    mm = ceil.get("bf16_matmul_tflops")
-    for D in (64, 128):
-        for dil, need_fwd in ((1, 1.2), (2, 1.5)):
-            for mode, need in (("fwd", need_fwd), ("fwd_bwd", 1.0)):
-                t = pick(tg, impl="triton", head_dim=D, dilation=dil, mode=mode)
-                f = pick(tg, impl="flex", head_dim=D, dilation=dil, mode=mode)
-                tf = _num(t, "tflops")
-                note = f"triton {tf:.0f} TFLOP/s" + (f" ({tf / mm:.0%} of bf16 matmul)" if mm else "") if tf else ""
-                add("triton", f"speed-up over flex, bf16 D={D} dilation {dil} {mode}", speedup(f, t), ">=", need, note)
-            t = pick(tg, impl="triton", head_dim=D, dilation=dil, mode="fwd")
-            mem = _num(t, "peak_mem_bytes")
-            if t is not None and mem is not None:
-                B, H, n = int(t["batch"]), int(t["heads"]), int(t["seq_len"])
-                allowed = B * H * n * D * 2 + 8 * B * H * n  # bf16 output + fp32 log-sum-exp (+ slack of as much)
-                add(
-                    "triton", f"extra peak memory / (output + O(n)), D={D} dilation {dil} fwd", mem / allowed, "<=", 1.0
-                )
-            else:
-                add("triton", f"extra peak memory / (output + O(n)), D={D} dilation {dil} fwd", None, "<=", 1.0)
-
-    sc = _read(outdir / "scaling.csv")
-    n_max = max((int(r["seq_len"]) for r in sc if r.get("status") == "ok"), default=None)
-    for dtype in ("fp32", "bf16"):
-        for mode in ("fwd", "fwd_bwd"):
-            cu = pick(sc, impl="cupy", dtype=dtype, mode=mode, seq_len=n_max)
-            ch = pick(sc, impl="chunked", dtype=dtype, mode=mode, seq_len=n_max)
-            add("cupy", f"speed-up over chunked, {dtype} n={n_max} {mode}", speedup(ch, cu), ">=", 2.0)
-            a, b = _num(cu, "peak_mem_bytes"), _num(ch, "peak_mem_bytes")
-            add("cupy", f"peak memory / chunked's, {dtype} n={n_max} {mode}", a / b if a and b else None, "<=", 0.999)
-        tr = pick(sc, impl="triton", dtype=dtype, mode="fwd", seq_len=n_max)
-        cu = pick(sc, impl="cupy", dtype=dtype, mode="fwd", seq_len=n_max)
-        add("cupy", f"time / triton's, {dtype} n={n_max} fwd", speedup(cu, tr), "<=", 4.0)
-
-    with open(outdir / "verdict.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(out[0]))
-        w.writeheader()
-        w.writerows(out)
-    log(f"\nTargets, from the rows in {outdir}/ (missing: no ok row for it):")
-    for r in out:
-        log(
-            f"  {r['status']:7s} {r['issue']:6s} {r['target']:58s} {r['measured']:>7s} {r['required']:>7s}  {r['note']}"
-        )
-    return out
-
-
-def summary(csv_path: Path, outdir: Path, log: Log, ceil: dict) -> None:
-    try:
-        import pandas as pd
-    except ImportError:
-        log("  pandas not installed: no summary table")
-        return
-    df = pd.read_csv(csv_path)
-    nmax = df["seq_len"].max()
-    sub = df[df["seq_len"] == nmax].copy()
-    sub["peak_mem_MiB"] = sub["peak_mem_bytes"] / 2**20
-    if ceil.get("bf16_matmul_tflops"):
-        sub["frac_of_bf16_mm"] = sub["tflops"] / ceil["bf16_matmul_tflops"]
-    cols = ["impl", "pattern", "dtype", "mode", "status", "time_ms_median", "peak_mem_MiB", "tflops"]
-    cols += [c for c in ("frac_of_bf16_mm",) if c in sub]
-    table = sub[cols].sort_values(["dtype", "mode", "pattern", "impl"]).to_string(index=False, float_format="%.4g")
-    (outdir / "summary.txt").write_text(table + "\n")
-    log(f"\nSummary at n = {nmax}:\n{table}")
-
-
-def figure(csv_path: Path, outdir: Path, log: Log) -> None:
-    try:
-        from attnbench import plot
-    except Exception as e:
-        log(f"  no figure: {type(e).__name__}: {e}")
-        return
-    try:
-        paths = plot.plot_scaling(plot.load_results([csv_path]), outdir / "scaling.png")
-        log("  figure: " + ", ".join(str(p.name) for p in paths))
-    except Exception as e:
-        log(f"  figure failed: {type(e).__name__}: {e}")
-
-
-STAGES = ("tests", "targets", "scaling")
-
-
-def _stages(text: str) -> list[str]:
-    got = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [x for x in got if x not in STAGES]
-    if bad or not got:
-        raise argparse.ArgumentTypeError(f"{text!r}: stages are a comma-separated list of {', '.join(STAGES)}")
-    return [x for x in STAGES if x in got]  # always in this order
+            jobs = plan([stage])
+            times = [estimate_s(j, compiled) for j in jobs]
+            est = sum(times)
+            print(f"  {stage} (allowance {ALLOWANCE[stage]:.0f} s, ~{sum(times):.0f} s for {len(jobs)} jobs):")
+            for i, (j, s) in enumerate(zip(jobs, times), 1):
+                c = j.config
+                where = "child" if j.child else ""
+                print(f"    {i:3d} {c.impl:13s} {c.dtype} B={c.batch} H={c.heads} D={c.head_dim:<3d} w={c.window} "
+                      f"d={c.dilation} n={c.seq_len:<6d} {c.mode:7s} {where:5s} ~{s:.1f} s")  # fmt: skip
+        total += est
+    fits = "fits" if total + RESERVE_S <= budget else "does NOT fit"
+    print(f"  estimate: ~{total:.0f} s + {RESERVE_S:.0f} s reserve: {fits} in {budget:.0f} s "
+          "(each stage stops at its allowance plus what earlier stages left)")  # fmt: skip
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m attnbench.gpu_check",
-        description="Verify and measure every attnbench implementation on this CUDA GPU in one run. "
-        "The environment and the ceilings (bf16 matmul rate, copy bandwidth) are always measured; "
-        "then the chosen stages run: tests (the suite on CUDA), targets (triton against FlexAttention "
-        "at the configurations its performance targets name), scaling (every implementation over n). "
-        "Every stage ends with the verdict on the performance targets it has rows for.",
+        description="Verify and measure attnbench on this CUDA GPU in one run: environment, ceilings, then "
+        "the stages (correctness of triton and cupy at the measured sizes, the targets of conf/gpu_targets.csv, "
+        "the scaling study, the test suite), then the verdict on every target.",
     )
     ap.add_argument("outdir", nargs="?", default="gpu-check", help="where the log, tables and figure go")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and exit (no GPU needed)")
-    ap.add_argument("--quick", action="store_true", help="every other sequence length")
-    ap.add_argument(
-        "--stages",
-        type=_stages,
-        default=["tests", "scaling"],
-        help=f"comma-separated, from {', '.join(STAGES)} (default tests,scaling)",
-    )
-    ap.add_argument("--skip-tests", action="store_true", help="leave out the tests stage")
-    ap.add_argument("--tests-limit", type=float, default=200, help="seconds for the test suite (default 200)")
-    ap.add_argument(
-        "--test-shards",
-        type=int,
-        default=default_shards(),
-        help=f"parallel pytest processes for the tests (default here {default_shards()}: half the cores, at most 8)",
-    )
-    ap.add_argument("--targets-limit", type=float, default=180, help="seconds for the targets stage (default 180)")
-    ap.add_argument(
-        "--scaling-limit",
-        type=float,
-        default=None,
-        help="seconds for the scaling study (default: what remains of --budget)",
-    )
-    ap.add_argument(
-        "--budget",
-        type=float,
-        default=BUDGET_S,
-        help=f"seconds for the whole run (default {BUDGET_S:.0f}); the scaling study gets what the stages "
-        "before it left, less a reserve for the figure and summary",
-    )
+    ap.add_argument("--dry-run", action="store_true", help="print the ordered plan and its estimate; no GPU needed")
+    ap.add_argument("--stages", type=_stages, default=list(STAGES), help=f"from {','.join(STAGES)} (default: all)")
+    ap.add_argument("--budget", type=float, default=570.0, help="seconds for the whole run (default 570)")
+    ap.add_argument("--workers", type=int, default=_workers(), help="pytest-xdist workers (default: cores / 2, <= 8)")
     a = ap.parse_args(argv)
-    stages = [x for x in a.stages if not (a.skip_tests and x == "tests")]
-
     if a.dry_run:
-        import attnbench
-
-        configs = plan(a.quick)
-        print(f"gpu_check plan: {len(configs)} scaling configurations, {len(targets_plan())} target configurations")
-        print(f"  lengths {sorted({c.seq_len for c in configs})}, dtypes {DTYPES}, patterns {list(PATTERNS)}")
-        print("  implementations (only available ones are measured):")
-        for row in attnbench.describe():
-            state = "available" if row["available"] else f"not available here: {row['reason']}"
-            print(f"    {row['name']:14s} {row['devices']:9s} {state}")
-        shards = f"{a.test_shards} shard{'s' if a.test_shards != 1 else ''}"
-        scal = f"<= {a.scaling_limit:.0f} s" if a.scaling_limit is not None else f"the rest of {a.budget:.0f} s"
-        limits = {
-            "tests": f"tests ({shards}, <= {a.tests_limit:.0f} s)",
-            "targets": f"targets (<= {a.targets_limit:.0f} s)",
-            "scaling": f"scaling ({scal})",
-        }
-        print(f"  stages: environment, ceilings, {', '.join(limits[x] for x in stages)}, verdict")
-        return 0
+        return dry_run(a.stages, a.budget, a.workers)
 
     import torch
 
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here (use --dry-run to check the plan)", file=sys.stderr)
+        print("gpu_check: no CUDA device here (--dry-run prints the plan without one)", file=sys.stderr)
         return 2
+    t0 = time.time()
     outdir = Path(a.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    log = Log(outdir / "gpu_check.log")
-    t0 = time.time()
-
-    def left() -> float:
-        return a.budget - (time.time() - t0) - RESERVE_S
-
-    log("== environment")
-    env = environment(log)
-    log("== ceilings")
-    ceil = ceilings(log)
-    (outdir / "environment.json").write_text(json.dumps({**env, **ceil}, indent=2, default=str))
-    if "tests" in stages:
-        log("== tests on CUDA")
-        run_tests(outdir, log, min(a.tests_limit, left()), shards=a.test_shards)
-    if "targets" in stages:
-        limit = min(a.targets_limit, left())
-        log(f"== targets: triton against FlexAttention (<= {limit:.0f} s)")
-        run_stage("targets", targets_plan(), outdir, log, limit, ceil)
-    if "scaling" in stages:
-        limit = left() if a.scaling_limit is None else min(a.scaling_limit, left())
-        log(f"== scaling study (<= {limit:.0f} s)")
-        csv_path = scaling(outdir, log, limit, a.quick, ceil)
-        figure(csv_path, outdir, log)
-        summary(csv_path, outdir, log, ceil)
-    verdict(outdir, log, ceil)
-    log(f"== done in {time.time() - t0:.0f} s; results in {outdir}/")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[
+        logging.StreamHandler(sys.stdout), logging.FileHandler(outdir / "gpu_check.log")])  # fmt: skip
+    log.info("== environment")
+    env = environment()
+    env["checks"].update(launch_checks())
+    for k, v in env.items():
+        log.info("  %s: %s", k, v)
+    state = {"poisoned": False, "down": {}}
+    for check, problem in env["checks"].items():
+        for impl in CHECK_IMPLS[check] if problem else ():
+            state["down"].setdefault(impl, f"{check}: {problem}")
+    log.info("== ceilings")
+    env.update(ceilings())
+    log.info("  bf16 matmul %.0f TFLOP/s; copy %.0f GB/s (read + write)", env["bf16_matmul_tflops"], env["copy_gbs"])
+    (outdir / "environment.json").write_text(json.dumps(env, indent=2, default=str))
+    end = t0 + a.budget - RESERVE_S
+    planned = time.time()
+    for stage in a.stages:
+        planned += ALLOWANCE[stage]
+        deadline = min(end, max(planned, time.time()))
+        log.info("== %s (until %+.0f s)", stage, deadline - t0)
+        if stage == "tests":
+            run_tests(outdir, end - time.time(), a.workers)  # the last stage: what is left
+        else:
+            run_stage(stage, plan([stage]), outdir, deadline, state)
+    _report(outdir)
+    log.info("== done in %.0f s; results in %s/", time.time() - t0, outdir)
     return 0
+
+
+def _report(outdir: Path) -> None:
+    """The scaling figure and summary (where pandas and matplotlib are), then the verdict."""
+    scaling = outdir / "scaling.csv"
+    if scaling.exists():
+        try:
+            from . import plot
+            from .results import format_rows
+            from .tables import read_rows
+
+            rows = read_rows(scaling)
+            nmax = max(int(r["seq_len"]) for r in rows)
+            log.info("\n%s", format_rows([r for r in rows if int(r["seq_len"]) == nmax]))
+            paths = plot.plot_scaling(plot.load([scaling]), outdir / "scaling.png")
+            log.info("  figure: %s", ", ".join(p.name for p in paths))
+        except Exception as e:  # a missing plotting library is not a failed run
+            log.warning("  no figure or summary: %s: %s", type(e).__name__, e)
+    log.info("\nVerdict (conf/gpu_targets.csv; missing: no ok row):")
+    for r in verdict(outdir):
+        log.info("  %-7s %-90s %8s %8s", r["status"], r["target"], r["measured"], r["required"])
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """Shared test helpers: inputs, the verification policy's assertions, a throwaway
-registry entry, and the sharding hook gpu_check uses."""
+registry entry, and the worker groups of Triton's tests."""
 
 from __future__ import annotations
 
@@ -81,52 +81,25 @@ def throwaway():
         registry.unregister(n)
 
 
-# ---------------------------------------------------------------- sharding
-# ATTNBENCH_SHARD="i/N" keeps the i-th of N disjoint parts of the collected tests, so
-# that N pytest processes can share a machine (gpu_check runs the CUDA suite that way:
-# the time goes into compiling kernels, one CPU core per process).
-
-#: implementations whose compiled kernels serve every shape of one head_dim and dtype:
-#: their tests are kept together by (implementation, head_dim, dtype), so that two
-#: shards do not compile the same kernels (FlexAttention compiles per shape anyway)
+# ---------------------------------------------------------------- worker groups
+# Under pytest-xdist with --dist loadgroup (gpu_check runs the CUDA suite that way), the
+# tests of one xdist_group run on one worker. Triton's compiled kernels serve every
+# shape of one head_dim and dtype, so its tests are grouped by those: each kernel set is
+# compiled once, by one worker. (FlexAttention compiles per shape anyway.)
 _SHARED_KERNELS = {"triton"}
 
 
-def _shard_key(item: pytest.Item) -> str:
+def kernel_group(item: pytest.Item) -> str | None:
+    """The xdist group of a test whose kernels another test compiles too, else None."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     impl, case, dtype = params.get("impl"), params.get("case"), params.get("dtype")
     if impl in _SHARED_KERNELS and case is not None:
-        return f"{impl}|{case.D}|{dtype}"
-    return item.nodeid
-
-
-def shard_items(items: list, index: int, count: int) -> list:
-    """The ``index``-th of ``count`` parts of ``items``: groups of equal key, largest
-    first, each to the part with the fewest tests so far. Deterministic, so every
-    process computes the same split from the same collection."""
-    groups: dict[str, list] = {}
-    for it in items:
-        groups.setdefault(_shard_key(it), []).append(it)
-    load = [0] * count
-    owner: dict[str, int] = {}
-    for key in sorted(groups, key=lambda k: (-len(groups[k]), k)):
-        part = min(range(count), key=lambda j: (load[j], j))
-        owner[key] = part
-        load[part] += len(groups[key])
-    return [it for it in items if owner[_shard_key(it)] == index]
+        return f"{impl}-D{case.D}-{dtype}"
+    return None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
-    spec = os.environ.get("ATTNBENCH_SHARD")
-    if not spec:
-        return
-    try:
-        index, count = (int(x) for x in spec.split("/"))
-        if not 0 <= index < count:
-            raise ValueError
-    except ValueError:
-        raise pytest.UsageError(f"ATTNBENCH_SHARD={spec!r}: expected 'i/N' with 0 <= i < N") from None
-    keep = shard_items(items, index, count)
-    kept = {id(it) for it in keep}
-    config.hook.pytest_deselected(items=[it for it in items if id(it) not in kept])
-    items[:] = keep
+    for item in items:
+        group = kernel_group(item)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))

@@ -1,261 +1,215 @@
-"""gpu_check's Python parts, without a GPU: the plan, the dry run, and the test stage
-(parallel shards, counts, failures, time limit) run on CPU against a toy suite."""
+"""gpu_check without a GPU: the plan and its order, the dry run, the targets file, the
+verdict, a stage's fault handling, and the test stage (pytest-xdist, JUnit counts, the
+time limit) against a toy suite."""
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import subprocess
 import sys
 import time
 
 import pytest
 
-import attnbench
 from attnbench import gpu_check
+from attnbench.results import base_row
+from attnbench.tables import append_row, read_rows
+
+MEASURING = gpu_check.MEASURING
 
 
-def test_plan_covers_every_available_impl_and_length():
-    configs = gpu_check.plan()
-    avail = {im.name for im in attnbench.available_impls()}
-    assert {c.impl for c in configs} == avail
-    assert sorted({c.seq_len for c in configs}) == [1024, 2048, 4096, 8192, 16384, 32768]
-    assert {c.dtype for c in configs} == {"bf16", "fp32"}
-    bwd = [c for c in configs if c.mode == "fwd_bwd"]
-    assert bwd and all(c.seq_len == 32768 for c in bwd)
-    for c in configs:
-        assert c.device == "cuda" and (c.heads, c.head_dim, c.window) == (12, 64, 512)
+def _impl_order(jobs) -> list[str]:
+    return list(dict.fromkeys(j.config.impl for j in jobs))
+
+
+@pytest.mark.parametrize("stage", MEASURING)
+def test_triton_comes_first_and_each_first_job_runs_in_a_child(stage):
+    jobs = gpu_check.plan([stage])
+    assert jobs and {j.stage for j in jobs} == {stage}
+    order = _impl_order(jobs)
+    assert order[0] == "triton"
+    seen = [j.config.impl for j in jobs]
+    assert seen == sorted(seen, key=order.index), "one implementation's jobs are contiguous"
+    firsts = {j.config.impl: j.child for j in jobs if j.child}
+    assert set(firsts) == set(order) and sum(j.child for j in jobs) == len(order)
+    for j in jobs:
+        c = j.config
+        assert c.device == "cuda" and c.study == stage
         c.pattern().validate(c.seq_len, c.heads)
-    # a run cut short by its budget loses the fp32 repeat, not bf16 (the targets' dtype)
-    order = [c.dtype for c in configs]
-    assert order == sorted(order, key=lambda d: d != "bf16")
 
 
-def test_dry_run_prints_the_plan():
-    r = subprocess.run(
-        [sys.executable, "-m", "attnbench.gpu_check", "--dry-run"], capture_output=True, text=True, timeout=120
-    )
+def test_scaling_puts_triton_cupy_chunked_first_and_covers_every_cuda_impl():
+    jobs = gpu_check.plan(["scaling"])
+    order = _impl_order(jobs)
+    assert order[:3] == ["triton", "cupy", "chunked"]
+    assert set(order) == set(gpu_check._cuda_impls())
+    assert sorted({j.config.seq_len for j in jobs}) == [1024, 2048, 4096, 8192, 16384, 32768]
+    assert {j.config.impl for j in jobs if j.config.dtype == "fp32"} == {"triton", "cupy", "chunked"}
+
+
+def test_every_target_is_planned_in_its_stage():
+    """Each row of conf/gpu_targets.csv names configurations its stage measures, so the
+    verdict can find them; the correctness stage verifies triton and cupy at each."""
+    planned = {s: {repr(base_row(j.config)["pattern"]) + repr(_key(j.config)) for j in gpu_check.plan([s])}
+               for s in MEASURING}  # fmt: skip
+    rows = gpu_check.targets()
+    assert len(rows) >= 20
+    for t in rows:
+        assert t["measure"] in ("speedup", "time_ratio", "memory_ratio", "extra_memory") and t["op"] in (">=", "<=")
+        for impl in filter(None, (t["impl"], t["baseline"])):
+            c = gpu_check._config(t, impl)
+            assert repr(base_row(c)["pattern"]) + repr(_key(c)) in planned[t["stage"]], (t, impl)
+            if impl in ("triton", "cupy"):
+                fb = dataclasses.replace(c, mode="fwd_bwd")
+                assert repr(base_row(fb)["pattern"]) + repr(_key(fb)) in planned["correctness"]
+
+
+def _key(c):
+    return (c.impl, c.batch, c.heads, c.seq_len, c.head_dim, c.window, c.dilation, c.dtype, c.mode)
+
+
+def test_dry_run_shows_the_order_and_fits_the_budget():
+    r = subprocess.run([sys.executable, "-m", "attnbench.gpu_check", "--dry-run"], capture_output=True, text=True,
+                       timeout=120, cwd=gpu_check.ROOT)  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert "scaling configurations" in r.stdout and "chunked" in r.stdout and "stages:" in r.stdout
-    assert "scaling (the rest of 450 s)" in r.stdout
+    out = r.stdout
+    assert ": fits in 570 s" in out, out[-400:]
+    heads = [out.index(f"  {s} (allowance") for s in gpu_check.STAGES]
+    assert heads == sorted(heads), "stages print in the order they run"
+    for start, end in zip(heads, heads[1:]):
+        lines = [ln.split()[1] for ln in out[start:end].splitlines()[1:]]
+        assert lines[0] == "triton" and "triton" not in lines[lines.index(next(x for x in lines if x != "triton")) :]
+
+
+def _row(config, ms, peak):
+    row = base_row(config)
+    row.update(status="ok", time_ms_median=ms, peak_mem_bytes=peak)
+    return row
+
+
+def test_verdict_judges_each_target_from_the_rows(tmp_path, monkeypatch):
+    t = {"batch": "1", "heads": "16", "seq_len": "32768", "head_dim": "64", "window": "512", "dilation": "1",
+         "dtype": "bf16", "mode": "fwd", "stage": "targets"}  # fmt: skip
+    rows = [
+        dict(t, target="faster", impl="triton", baseline="flex", measure="speedup", op=">=", required="1.2"),
+        dict(t, target="lean", impl="triton", baseline="", measure="extra_memory", op="<=", required="1.0"),
+        dict(t, target="absent", impl="triton", baseline="sdpa", measure="speedup", op=">=", required="1"),
+        dict(t, target="slow", impl="triton", baseline="flex", measure="time_ratio", op="<=", required="0.5"),
+    ]
+    monkeypatch.setattr(gpu_check, "targets", lambda: rows)
+    settings = gpu_check.STAGE_SETTINGS["targets"]
+    tri = dataclasses.replace(gpu_check._config(t, "triton", **settings), study="targets")
+    out_bytes = 16 * 32768 * (64 * 2 + 4)
+    append_row(tmp_path / "targets.csv", _row(tri, 1.0, out_bytes))  # exactly the output + LSE
+    append_row(tmp_path / "targets.csv", _row(dataclasses.replace(tri, impl="flex"), 1.3, 10**9))
+    cor = dataclasses.replace(tri, study="correctness", mode="fwd_bwd")
+    append_row(tmp_path / "correctness.csv", {**_row(cor, 1.0, 1), "status": "wrong", "reason": "dq off"})
+    got = {r["target"].split(",")[0]: r for r in gpu_check.verdict(tmp_path)}
+    assert got["faster"]["status"] == "pass" and got["faster"]["measured"] == "1.3"
+    assert got["lean"]["status"] == "pass" and got["lean"]["measured"] == "1"
+    assert got["absent"]["status"] == "missing"
+    assert got["slow"]["status"] == "FAIL"  # 1 / 1.3 > 0.5
+    assert got["triton correct"]["status"] == "FAIL"
+    assert [r["status"] for r in read_rows(tmp_path / "verdict.csv")] == ["FAIL", "pass", "pass", "missing", "FAIL"]
+
+
+def test_a_cuda_error_in_process_stops_the_stage_and_later_jobs_go_to_children(tmp_path, monkeypatch):
+    jobs = [j for j in gpu_check.plan(["scaling"]) if j.config.impl in ("triton", "chunked")][:9]
+    ran = []
+
+    def fake_sweep(configs, progress, history):
+        c = configs[0]
+        ran.append((c.impl, c.seq_len, c.isolate, c.job_timeout_s))
+        row = base_row(c)
+        fault = c.impl == "triton" and c.seq_len == 4096
+        row.update(status="error" if fault else "ok", reason="RuntimeError: CUDA error: an illegal memory access"
+                   if fault else "", time_ms_median=1.0)  # fmt: skip
+        append_row(tmp_path / "scaling.csv", row)
+        return [row]
+
+    monkeypatch.setattr("attnbench.sweep.sweep", fake_sweep)
+    state = {"poisoned": False, "down": {"cupy": "CuPy compile: no NVRTC"}}
+    gpu_check.run_stage("scaling", jobs, tmp_path, time.time() + 50, state)
+    assert ran[0][:3] == ("triton", 1024, True) and ran[1][2] is False  # the first in a child, then here
+    assert ran[-1][1] == 4096 and len(ran) == 3 and state["poisoned"]
+    assert all(5 <= r[3] <= 50 for r in ran)  # each job's limit: what the stage has left, at most its own
+    rows = read_rows(tmp_path / "scaling.csv")
+    assert len(rows) == len(jobs)
+    assert all(r["status"] == "skipped" and "CUDA error in triton" in r["reason"] for r in rows[3:])
+    ran.clear()
+    gpu_check.run_stage("scaling", jobs[7:8], tmp_path, time.time() + 50, state)  # later: in a child
+    assert ran and ran[0][2] is True
+
+
+def test_a_failed_environment_check_skips_its_implementations(tmp_path, monkeypatch):
+    monkeypatch.setattr("attnbench.sweep.sweep", lambda *a, **k: pytest.fail("must not run"))
+    job = gpu_check.plan(["scaling"])[0]
+    gpu_check.run_stage("scaling", [job], tmp_path, time.time() + 50, {"poisoned": False, "down": {"triton": "x"}})
+    (row,) = read_rows(tmp_path / "scaling.csv")
+    assert row["status"] == "skipped" and "environment check failed: x" in row["reason"]
+
+
+def test_environment_names_a_missing_compiler(monkeypatch):
+    assert all(v == "" for v in gpu_check.environment()["checks"].values())  # this machine has both
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)
+    assert "no C compiler" in gpu_check.environment()["checks"]["C compiler"]
 
 
 def test_no_gpu_is_a_clear_error(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "attnbench.gpu_check", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = subprocess.run([sys.executable, "-m", "attnbench.gpu_check", str(tmp_path / "out")], capture_output=True,
+                       text=True, timeout=120)  # fmt: skip
     assert r.returncode == 2 and "no CUDA device" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
 
 
-# ---------------------------------------------------------------- the test stage in shards
+# ---------------------------------------------------------------- the test stage
 
-
-class _Item:
-    def __init__(self, nodeid: str, **params):
-        self.nodeid = nodeid
-        self.callspec = type("CallSpec", (), {"params": params})() if params else None
-
-
-def test_shards_partition_and_keep_shared_kernels_together():
-    from conftest import shard_items
-
-    class Case:
-        def __init__(self, D):
-            self.D = D
-
-    items = [_Item(f"t::plain{i}") for i in range(7)]
-    items += [
-        _Item(f"t::tri{i}", impl="triton", case=Case(16 if i % 2 else 64), dtype=dt) for i in range(8) for dt in "ab"
-    ]
-    items += [_Item(f"t::flex{i}", impl="flex", case=Case(16), dtype="a") for i in range(5)]
-    parts = [shard_items(items, i, 3) for i in range(3)]
-    ids = [it.nodeid for p in parts for it in p]
-    assert sorted(ids) == sorted(it.nodeid for it in items)  # every test once
-    for p in parts:
-        assert 6 <= len(p) <= 12, [len(p) for p in parts]  # balanced by count
-    where = {it.nodeid: i for i, p in enumerate(parts) for it in p}
-    for dt in "ab":  # one triton (head_dim, dtype) group, one shard
-        for D in (16, 64):
-            group = {where[it.nodeid] for it in items if it.callspec and it.callspec.params.get("impl") == "triton"
-                     and it.callspec.params["case"].D == D and it.callspec.params["dtype"] == dt}  # fmt: skip
-            assert len(group) == 1
-    assert len({where[f"t::flex{i}"] for i in range(5)}) > 1  # per-shape compiles spread out
-
-
-_TOY_TESTS = """
+_TOY = """
 import time, pytest
 @pytest.mark.parametrize("i", range(4))
 def test_ok(i):
     assert i >= 0
 def test_broken():
-    assert 1 == 2, "deliberately failing: gpu_check must list it"
+    assert 1 == 2, "deliberately failing"
 @pytest.mark.skip(reason="toy skip")
 def test_skipped():
     pass
 """
 
 
-def _toy_suite(tmp_path, body: str):
-    """A small suite that loads the project's sharding hook (its conftest)."""
-    d = tmp_path / "toy"
-    d.mkdir()
-    hook = str(gpu_check.ROOT / "tests" / "conftest.py")
-    (d / "conftest.py").write_text(
-        "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('ab_conftest', {hook!r})\n"
-        "mod = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(mod)\n"
-        "pytest_collection_modifyitems = mod.pytest_collection_modifyitems\n"
-    )
-    (d / "test_toy.py").write_text(body)
-    return str(d / "test_toy.py")
+def _toy(tmp_path, body: str) -> tuple[str, object]:
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "test_toy.py").write_text(body)
+    (tmp_path / "out").mkdir()
+    return str(tmp_path / "toy" / "test_toy.py"), tmp_path / "out"
 
 
-@pytest.mark.parametrize("shards", [1, 3])
-def test_run_tests_sums_shards_and_lists_failures(tmp_path, shards):
-    target = _toy_suite(tmp_path, _TOY_TESTS)
-    out = tmp_path / "out"
-    out.mkdir()
-    lines = []
-    res = gpu_check.run_tests(out, lines.append, 120, shards=shards, targets=(target,), device="cpu")
-    assert res["counts"] == {"passed": 4, "failed": 1, "skipped": 1}, res
+@pytest.mark.parametrize("workers", [1, 2])
+def test_run_tests_counts_from_junit(tmp_path, workers):
+    path, out = _toy(tmp_path, _TOY)
+    res = gpu_check.run_tests(out, 120, workers, paths=(path,), device="cpu")
+    assert res["counts"] == {"passed": 4, "failed": 1, "errors": 0, "skipped": 1}, res
     assert res["rc"] == 1 and len(res["failed"]) == 1 and "test_broken" in res["failed"][0]
-    assert any("test_broken" in ln for ln in lines)  # the log names the failure
-    assert len(list(out.glob("tests*.log"))) == shards and len(list(out.glob("tests*.xml"))) == shards
+    assert "deliberately failing" in res["failed"][0]
+    assert ("bringing up nodes" in (out / "tests.log").read_text()) == (workers > 1)  # xdist's workers
 
 
-def test_run_tests_stops_at_its_limit(tmp_path):
-    body = "import time\ndef test_quick():\n    pass\ndef test_slow():\n    time.sleep(60)\n"
-    target = _toy_suite(tmp_path, body)
-    out = tmp_path / "out"
-    out.mkdir()
+def test_run_tests_stops_at_its_limit_and_counts_what_ran(tmp_path):
+    path, out = _toy(tmp_path, "import time\ndef test_quick():\n    pass\ndef test_slow():\n    time.sleep(60)\n")
     t0 = time.time()
-    res = gpu_check.run_tests(out, lambda *a: None, 8, shards=1, targets=(target,), device="cpu")
-    assert res["rc"] == "timeout" and time.time() - t0 < 30
-    assert res["counts"] == {"passed": 1} and "stopped at the time limit" in res["summary"]  # what ran is counted
+    res = gpu_check.run_tests(out, 6, 1, paths=(path,), device="cpu")
+    assert res["stopped"] and time.time() - t0 < 40
+    assert res["counts"]["passed"] == 1, res
 
 
-def test_bad_shard_spec_is_a_usage_error():
-    env = dict(os.environ, ATTNBENCH_SHARD="3/2")
-    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests/test_gpu_check.py"],
-                       cwd=gpu_check.ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert r.returncode == 4 and "expected 'i/N' with 0 <= i < N" in r.stderr + r.stdout
+def test_triton_tests_share_a_worker_group():
+    from conftest import kernel_group
 
+    class Case:
+        D = 64
 
-# ---------------------------------------------------------------- the verdict
-
-
-def test_targets_plan_is_the_issue_configuration():
-    configs = gpu_check.targets_plan()
-    assert {c.impl for c in configs} == {"triton", "flex"}
-    assert {(c.head_dim, c.dilation, c.mode) for c in configs} == {
-        (D, d, m) for D in (64, 128) for d in (1, 2) for m in ("fwd", "fwd_bwd")
-    }
-    for c in configs:
-        assert (c.batch, c.heads, c.seq_len, c.window, c.dtype, c.device) == (1, 16, 32768, 512, "bf16", "cuda")
-
-
-def _row(config, ms, peak):
-    from attnbench.results import base_row
-
-    row = base_row(dataclasses.replace(config, device="cpu").resolved())  # a CUDA row, made up on any machine
-    row.update(
-        device="cuda", device_name="Made-up GPU", status="ok", time_ms_median=ms, peak_mem_bytes=peak, tflops=100.0
-    )
-    return row
-
-
-def test_verdict_reads_the_rows_and_judges_each_target(tmp_path):
-    from attnbench.tables import append_row
-
-    out = tmp_path
-    for c in gpu_check.targets_plan():
-        c = dataclasses.replace(c, study="targets")
-        # triton: 1.3x faster than flex at dilation 1, 1.4x at dilation 2 (under the 1.5 asked)
-        fast = {1: 1.3, 2: 1.4}[c.dilation]
-        ms = 1.0 if c.impl == "triton" else fast
-        peak = 16 * 32768 * c.head_dim * 2 if c.impl == "triton" else 10**9  # exactly the output
-        append_row(out / "targets.csv", _row(c, ms, peak))
-    n = 32768
-    base = gpu_check.plan()[0]  # the scaling study's shape; cupy rows too, though it cannot run here
-    for impl, ms, peak in (("cupy", 1.0, 100), ("chunked", 2.5, 200), ("triton", 0.2, 50)):  # cupy 5x triton
-        for dtype in ("fp32", "bf16"):
-            for mode in ("fwd", "fwd_bwd"):
-                c = dataclasses.replace(base, impl=impl, dtype=dtype, mode=mode, seq_len=n, study="scaling")
-                append_row(out / "scaling.csv", _row(c, ms, peak))
-    lines = []
-    res = {r["target"]: r for r in gpu_check.verdict(out, lines.append, {"bf16_matmul_tflops": 800.0})}
-    assert res["speed-up over flex, bf16 D=64 dilation 1 fwd"]["status"] == "pass"
-    assert res["speed-up over flex, bf16 D=128 dilation 2 fwd"]["status"] == "FAIL"  # 1.4 < 1.5
-    assert res["speed-up over flex, bf16 D=128 dilation 2 fwd_bwd"]["status"] == "pass"  # 1.4 >= 1.0
-    assert res["extra peak memory / (output + O(n)), D=64 dilation 1 fwd"]["status"] == "pass"
-    assert "12% of bf16 matmul" in res["speed-up over flex, bf16 D=64 dilation 1 fwd"]["note"]
-    assert res[f"speed-up over chunked, fp32 n={n} fwd"]["status"] == "pass"  # 2.5 >= 2
-    assert res[f"peak memory / chunked's, bf16 n={n} fwd_bwd"]["status"] == "pass"  # 100 < 200
-    assert res[f"time / triton's, bf16 n={n} fwd"]["status"] == "FAIL"  # 5 > 4
-    assert (out / "verdict.csv").exists() and any("Targets" in ln for ln in lines)
-
-
-def test_verdict_says_missing_without_rows(tmp_path):
-    res = gpu_check.verdict(tmp_path, lambda *a: None, {})
-    assert res and all(r["status"] == "missing" for r in res)
-
-
-def test_stage_summary_figure_and_verdict_run_end_to_end_on_cpu(tmp_path):
-    """The GPU-only parts aside, the stages chain: engine rows into OUTDIR, then the
-    summary, figure and verdict read them (here on the CPU, small sizes)."""
-    base = dataclasses.replace(gpu_check.plan()[0], device="cpu", dtype="fp32", heads=2, window=16, time_budget_s=0.05)
-    configs = [dataclasses.replace(base, impl=i, seq_len=n) for i in ("naive", "chunked") for n in (64, 128)]
-    configs.append(dataclasses.replace(base, impl="chunked", seq_len=-1))  # invalid: must not stop the stage
-    lines: list[str] = []
-    path = gpu_check.run_stage("scaling", configs, tmp_path, lines.append, 120, {})
-    assert any("not run: ValueError: seq_len=-1" in ln for ln in lines)
-    rows = gpu_check._read(path)
-    assert [r["status"] for r in rows] == ["ok"] * 4, rows
-    gpu_check.summary(path, tmp_path, lines.append, {"bf16_matmul_tflops": 1.0})
-    gpu_check.figure(path, tmp_path, lines.append)
-    assert (tmp_path / "summary.txt").exists() and list(tmp_path.glob("scaling*.png"))
-    res = gpu_check.verdict(tmp_path, lines.append, {})
-    assert all(r["status"] == "missing" for r in res)  # no cupy, no triton rows at these sizes
-    # a stage out of time marks the rest skipped, with the reason, and runs nothing
-    late = gpu_check.run_stage("late", configs[:2], tmp_path, lines.append, -1, {})
-    assert [(r["status"], "ran out of time" in r["reason"]) for r in gpu_check._read(late)] == [("skipped", True)] * 2
-
-
-def test_main_runs_the_chosen_stages_in_order_within_the_budget(tmp_path, monkeypatch):
-    """main()'s control flow with the GPU parts stubbed: which stages run, in which
-    order, with which time limits, and that the verdict always closes the run."""
-    import torch
-
-    calls = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(gpu_check, "environment", lambda log: {"gpu": "stub"})
-    monkeypatch.setattr(gpu_check, "ceilings", lambda log: {"bf16_matmul_tflops": 1.0})
-
-    def fake_tests(outdir, log, limit, shards=1):
-        calls.append(("tests", round(limit)))
-        return {}
-
-    def fake_stage(name, configs, outdir, log, limit, ceil):
-        calls.append((name, round(limit), len(configs)))
-        return outdir / f"{name}.csv"
-
-    monkeypatch.setattr(gpu_check, "run_tests", fake_tests)
-    monkeypatch.setattr(gpu_check, "run_stage", fake_stage)
-    monkeypatch.setattr(gpu_check, "figure", lambda *a: calls.append(("figure",)))
-    monkeypatch.setattr(gpu_check, "summary", lambda *a: calls.append(("summary",)))
-    monkeypatch.setattr(gpu_check, "verdict", lambda *a: calls.append(("verdict",)) or [])
-    out = tmp_path / "out"
-    rc = gpu_check.main([str(out), "--stages", "scaling,targets,tests", "--budget", "500", "--targets-limit", "100"])
-    assert rc == 0
-    n_targets, n_scaling = len(gpu_check.targets_plan()), len(gpu_check.plan())
-    rest = 500 - gpu_check.RESERVE_S
-    assert calls == [("tests", 200), ("targets", 100, n_targets), ("scaling", rest, n_scaling),
-                     ("figure",), ("summary",), ("verdict",)]  # fmt: skip
-    assert (out / "environment.json").exists() and (out / "gpu_check.log").exists()
-
-    calls.clear()  # the default: tests and scaling; --skip-tests leaves the tests out
-    assert gpu_check.main([str(out), "--skip-tests"]) == 0
-    assert [c[0] for c in calls] == ["scaling", "figure", "summary", "verdict"]
+    item = type("Item", (), {"callspec": type("C", (), {"params": {"impl": "triton", "case": Case, "dtype": "bf16"}})})
+    assert kernel_group(item) == "triton-D64-bf16"
+    item.callspec.params = {"impl": "flex", "case": Case, "dtype": "bf16"}
+    assert kernel_group(item) is None
