@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .pattern import Pattern
 
-__all__ = ["head_groups", "gather_heads", "scatter_heads", "global_index", "cuda_probe", "module_probe"]
+__all__ = ["head_groups", "gather_heads", "scatter_heads", "index_tensor", "global_index", "cuda_probe", "module_probe"]
 
 
 def head_groups(pattern: Pattern, heads: int) -> list[tuple[int, list[int]]]:
@@ -21,7 +23,7 @@ def gather_heads(x: torch.Tensor, idx: list[int]) -> torch.Tensor:
     """``x[:, idx]`` without a copy when idx covers every head in order."""
     if idx == list(range(x.shape[1])):
         return x
-    return x.index_select(1, torch.tensor(idx, device=x.device))
+    return x.index_select(1, index_tensor(tuple(idx), torch.long, x.device))
 
 
 def scatter_heads(parts: list[tuple[list[int], torch.Tensor]], heads: int) -> torch.Tensor:
@@ -31,14 +33,22 @@ def scatter_heads(parts: list[tuple[list[int], torch.Tensor]], heads: int) -> to
         return parts[0][1]
     order = [h for idx, _ in parts for h in idx]
     cat = torch.cat([t for _, t in parts], dim=1)
-    inv = torch.empty(heads, dtype=torch.long)
-    inv[torch.tensor(order)] = torch.arange(heads)
-    return cat.index_select(1, inv.to(cat.device))
+    inv = [0] * heads
+    for i, h in enumerate(order):
+        inv[h] = i
+    return cat.index_select(1, index_tensor(tuple(inv), torch.long, cat.device))
+
+
+@functools.lru_cache(maxsize=64)
+def index_tensor(values: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small constant tensor on ``device``, made once per process: a copy from pageable
+    host memory in every call would be timed with the call. Do not modify it."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def global_index(pattern: Pattern, device: torch.device | str) -> torch.Tensor:
-    """Global token positions as a long tensor ``(G,)``."""
-    return torch.tensor(pattern.global_tokens, dtype=torch.long, device=device)
+    """Global token positions as a long tensor ``(G,)`` (cached: do not modify)."""
+    return index_tensor(tuple(pattern.global_tokens), torch.long, torch.device(device))
 
 
 def module_probe(*modules: str):

@@ -68,8 +68,8 @@ WORKER_ENV = "ATTNBENCH_WORKER_PARENT"
 
 # ---------------------------------------------------------------------- guards
 def _free_memory_bytes(device: str) -> int:
-    if device == "cuda":
-        return int(torch.cuda.mem_get_info()[0])
+    if device == "cuda":  # what the caching allocator holds unused is free to this process
+        return int(torch.cuda.mem_get_info()[0] + torch.cuda.memory_reserved() - torch.cuda.memory_allocated())
     with contextlib.suppress(OSError):
         for line in open("/proc/meminfo"):
             if line.startswith("MemAvailable:"):

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from attnbench import Pattern, register
-from attnbench.ops import global_index
+from attnbench.ops import global_index, index_tensor
 
 SOURCE = Path(__file__).with_name("_banded.cu")
 
@@ -317,7 +317,7 @@ def banded_attention(
             sg = sg.masked_fill(later, float("-inf"))
     band = Band(
         dils=dils,
-        dil_t=torch.tensor(dils, dtype=torch.int32, device=q.device),
+        dil_t=index_tensor(tuple(dils), torch.int32, q.device),
         skip=skip,
         off=-lo,
         width=hi - lo + 1,
