@@ -49,7 +49,7 @@ class BenchConfig:
     verify: bool = True
     exact_verify_bytes: float = 2**30  # the dense reference up to this size, else sampled rows
     verify_rows: int = 32
-    grad_check_seq_len: int = 256
+    grad_check_seq_len: int = 256  # model=...: the patched model is checked on this many tokens
     # timing
     time_budget_s: float = 2.0  # timed calls stop after this long ...
     min_reps: int = 3
