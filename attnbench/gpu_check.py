@@ -1,28 +1,14 @@
-"""The first run on a CUDA GPU, in one call that fits a short lease::
+"""The first run on a CUDA GPU, in one call (``scripts/gpu_check.sh OUTDIR``;
+``--dry-run`` prints the ordered plan and its time estimate without a GPU).
 
-    scripts/gpu_check.sh OUTDIR                 # python -m attnbench.gpu_check OUTDIR
-    scripts/gpu_check.sh OUTDIR --dry-run       # the ordered plan and its time estimate, no GPU
-
-Needs only what a GPU machine usually has (torch; triton, cupy, pytest, pandas,
-matplotlib where installed): no Hydra, no network. What only a GPU can show comes
-first, so a run cut short loses the least:
-
-1. environment: versions; a C compiler and Python's headers (Triton and inductor build
-   a launcher with them at their first launch); a one-element Triton launch and one
-   CuPy compile, in a child process. What fails there is a reason on its rows.
-2. ceilings: the bf16 matmul rate and the copy bandwidth results are quoted against.
-3. correctness: triton and cupy at the sizes measured later, forward and backward, so
-   the autotuned configs are verified (sampled reference rows, :mod:`attnbench.verify`).
-4. targets: the configurations of ``conf/gpu_targets.csv``, triton's before the rest.
-5. scaling: every implementation over n, triton, cupy and chunked first.
-6. tests: the suite on CUDA (pytest-xdist, Triton's kernel groups kept on one worker).
-
-Every measurement is the benchmark engine's (:func:`attnbench.sweep.sweep`). Each
-stage's first job per implementation runs in a child process (compiling and autotuning
-are where a fault is likely), so a fault costs a row; a CUDA error in this process
-stops the stage, and later stages then run every job in a child. Each job's time limit
-comes from what the stage has left. Then the verdict: every row of the targets file,
-measured against required, pass / FAIL / missing.
+Needs torch, and triton, cupy, pytest, pandas and matplotlib where installed; no Hydra,
+no network. What only a GPU can show runs first: the environment checks, the ceilings,
+triton and cupy verified at the measured sizes, the targets of ``conf/gpu_targets.csv``,
+the scaling study (triton, cupy, chunked first), then the test suite. Every measurement
+is the benchmark engine's; each stage's first job per implementation runs in a child
+process, and a CUDA error in this process stops the stage and sends later stages' jobs
+to children. Each job's time limit comes from what its stage has left. The verdict
+judges every target from the rows: pass, FAIL or missing.
 """
 
 from __future__ import annotations
@@ -187,15 +173,16 @@ def environment() -> dict:
     return info
 
 
+#: run as a file (Triton reads a kernel's source from it): python FILE DEVICE
 _LAUNCH = r"""
-import json, torch
-out = {}
+import json, sys, torch
+dev, out = sys.argv[1], {}
 try:
     import triton, triton.language as tl
     @triton.jit
     def one(x):
         tl.store(x, tl.load(x) + 1.0)
-    x = torch.zeros(1, device="cuda"); one[(1,)](x); torch.cuda.synchronize()
+    x = torch.zeros(1, device=dev); one[(1,)](x)
     out["Triton launch"] = "" if x.item() == 1.0 else f"wrong value {x.item()}"
 except Exception as e:
     out["Triton launch"] = f"{type(e).__name__}: {e}"[:300]
@@ -210,10 +197,12 @@ print(json.dumps(out))
 """
 
 
-def launch_checks(timeout_s: float = 120.0) -> dict:
+def launch_checks(outdir: Path, device: str = "cuda", timeout_s: float = 120.0) -> dict:
     """A one-element Triton launch and one CuPy compile, in a child process."""
+    script = outdir / "launch_check.py"
+    script.write_text(_LAUNCH)
     try:
-        r = subprocess.run([sys.executable, "-c", _LAUNCH], capture_output=True, text=True, timeout=timeout_s)
+        r = subprocess.run([sys.executable, str(script), device], capture_output=True, text=True, timeout=timeout_s)
         return json.loads(r.stdout.strip().splitlines()[-1])
     except Exception as e:  # the child crashed or hung: both unknown
         why = f"the check itself failed: {type(e).__name__}: {e}"[:300]
@@ -461,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.StreamHandler(sys.stdout), logging.FileHandler(outdir / "gpu_check.log")])  # fmt: skip
     log.info("== environment")
     env = environment()
-    env["checks"].update(launch_checks())
+    env["checks"].update(launch_checks(outdir))
     for k, v in env.items():
         log.info("  %s: %s", k, v)
     state = {"poisoned": False, "down": {}}

@@ -5,6 +5,7 @@ time limit) against a toy suite."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import subprocess
 import sys
 import time
@@ -154,6 +155,15 @@ def test_environment_names_a_missing_compiler(monkeypatch):
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setattr(gpu_check.shutil, "which", lambda name: None)
     assert "no C compiler" in gpu_check.environment()["checks"]["C compiler"]
+
+
+def test_launch_checks_run_a_triton_kernel_in_a_child(tmp_path, monkeypatch):
+    """The same script as on a GPU, here through Triton's interpreter; without CuPy its
+    check names the missing module."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    got = gpu_check.launch_checks(tmp_path, device="cpu")
+    assert got["Triton launch"] == ""
+    assert ("No module named 'cupy'" in got["CuPy compile"]) != (importlib.util.find_spec("cupy") is not None)
 
 
 def test_no_gpu_is_a_clear_error(tmp_path):
