@@ -446,8 +446,21 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     outdir = Path(a.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[
-        logging.StreamHandler(sys.stdout), logging.FileHandler(outdir / "gpu_check.log")])  # fmt: skip
+    # the console gets this module's lines; the log file every attnbench line (the engine's steps too)
+    handlers = [(log, logging.StreamHandler(sys.stdout)), (logging.getLogger("attnbench"),
+                logging.FileHandler(outdir / "gpu_check.log"))]  # fmt: skip
+    for logger, h in handlers:
+        logger.addHandler(h)
+        logger.setLevel(logging.INFO)
+    try:
+        return _run(a, outdir, t0)
+    finally:
+        for logger, h in handlers:
+            logger.removeHandler(h)
+            h.close()
+
+
+def _run(a: argparse.Namespace, outdir: Path, t0: float) -> int:
     log.info("== environment")
     env = environment()
     env["checks"].update(launch_checks(outdir))
@@ -458,8 +471,14 @@ def main(argv: list[str] | None = None) -> int:
         for impl in CHECK_IMPLS[check] if problem else ():
             state["down"].setdefault(impl, f"{check}: {problem}")
     log.info("== ceilings")
-    env.update(ceilings())
-    log.info("  bf16 matmul %.0f TFLOP/s; copy %.0f GB/s (read + write)", env["bf16_matmul_tflops"], env["copy_gbs"])
+    try:
+        env.update(ceilings())
+        log.info(
+            "  bf16 matmul %.0f TFLOP/s; copy %.0f GB/s (read + write)", env["bf16_matmul_tflops"], env["copy_gbs"]
+        )
+    except Exception as e:  # this process's GPU may be unusable now: measure in children
+        state["poisoned"] = True
+        log.error("  ceilings failed (%s: %s); every job runs in a child process", type(e).__name__, e)
     (outdir / "environment.json").write_text(json.dumps(env, indent=2, default=str))
     end = t0 + a.budget - RESERVE_S
     planned = time.time()

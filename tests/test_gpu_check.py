@@ -173,6 +173,32 @@ def test_no_gpu_is_a_clear_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_main_runs_the_stages_in_order_with_rolling_deadlines(tmp_path, monkeypatch):
+    """main()'s control flow with the GPU parts stubbed: the stages in their fixed order,
+    each stage's deadline its allowance plus what earlier stages left, the tests last
+    with what remains, a failed check taking its implementations down, the verdict last."""
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("attnbench.results.device_name", lambda device: "Made-up GPU")
+    monkeypatch.setattr(gpu_check, "environment", lambda: {"checks": {"C compiler": "", "Python headers": ""}})
+    monkeypatch.setattr(gpu_check, "launch_checks", lambda out: {"Triton launch": "", "CuPy compile": "no NVRTC"})
+    monkeypatch.setattr(gpu_check, "ceilings", lambda: {"bf16_matmul_tflops": 1.0, "copy_gbs": 1.0})
+    monkeypatch.setattr(gpu_check, "run_stage", lambda stage, jobs, out, deadline, state: calls.append(
+        (stage, round(deadline - time.time()), len(jobs), dict(state["down"]))))  # fmt: skip
+    monkeypatch.setattr(gpu_check, "run_tests", lambda out, limit, workers: calls.append(("tests", round(limit))))
+    out = tmp_path / "out"
+    assert gpu_check.main([str(out), "--stages", "tests,scaling,targets", "--budget", "500"]) == 0
+    a = gpu_check.ALLOWANCE
+    down = {"cupy": "CuPy compile: no NVRTC"}
+    assert calls == [("targets", a["targets"], len(gpu_check.plan(["targets"])), down),
+                     ("scaling", a["targets"] + a["scaling"], len(gpu_check.plan(["scaling"])), down),
+                     ("tests", 500 - gpu_check.RESERVE_S)]  # fmt: skip
+    assert [r["status"] for r in read_rows(out / "verdict.csv")] == ["missing"] * len(gpu_check.targets())
+    assert (out / "environment.json").exists() and "== done" in (out / "gpu_check.log").read_text()
+
+
 # ---------------------------------------------------------------- the test stage
 
 _TOY = """
