@@ -24,15 +24,15 @@ def _impl_order(jobs) -> list[str]:
 
 
 @pytest.mark.parametrize("stage", MEASURING)
-def test_triton_comes_first_and_each_first_job_runs_in_a_child(stage):
+def test_triton_comes_first_and_each_first_job_of_a_mode_runs_in_a_child(stage):
     jobs = gpu_check.plan([stage])
     assert jobs and {j.stage for j in jobs} == {stage}
     order = _impl_order(jobs)
     assert order[0] == "triton"
     seen = [j.config.impl for j in jobs]
     assert seen == sorted(seen, key=order.index), "one implementation's jobs are contiguous"
-    firsts = {j.config.impl: j.child for j in jobs if j.child}
-    assert set(firsts) == set(order) and sum(j.child for j in jobs) == len(order)
+    kinds = list(dict.fromkeys((j.config.impl, j.config.mode) for j in jobs))
+    assert [(j.config.impl, j.config.mode) for j in jobs if j.child] == kinds  # the first of each, only
     for j in jobs:
         c = j.config
         assert c.device == "cuda" and c.study == stage
@@ -46,6 +46,7 @@ def test_scaling_puts_triton_cupy_chunked_first_and_covers_every_cuda_impl():
     assert set(order) == set(gpu_check._cuda_impls())
     assert sorted({j.config.seq_len for j in jobs}) == [1024, 2048, 4096, 8192, 16384, 32768]
     assert {j.config.impl for j in jobs if j.config.dtype == "fp32"} == {"triton", "cupy", "chunked"}
+    assert {j.config.impl for j in jobs if j.config.mode == "fwd_bwd"} == {"triton", "cupy", "chunked"}
 
 
 def test_every_target_is_planned_in_its_stage():
