@@ -162,7 +162,7 @@ def test_flash_attn_refusals() -> None:
     want = ["device 'cpu' not supported", "feature 'dilation' not supported", "feature 'global_tokens' not supported"]
     _refused("flash_attn", q, Pattern(4, 2, False, (0,)), *want, *([why] if why else []))
     _refused("flash_attn", q.float(), Pattern(4), "dtype fp32 not supported")
-    if im.unavailable_reason() is None:  # head_dim is checked per call, once the rest is fine
+    if why is None:  # head_dim is checked per call, once the rest is fine
         _refused("flash_attn", torch.zeros(1, 2, 16, 12, dtype=torch.float16, device="cuda"), Pattern(4), "head_dim=12")
 
 
