@@ -8,12 +8,10 @@ shape and dtype (seconds on a CPU), so its cases share one shape.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from conftest import DEVICE, assert_grads_ok, assert_output_ok, impl_or_skip, rand_qkv
+from fresh_python import run_fresh
 
 import attnbench
 from attnbench import Pattern, UnsupportedError
@@ -175,5 +173,4 @@ def test_modules_import_with_torch_alone() -> None:
         "bad = [m for m in ('transformers', 'flash_attn', 'torch._inductor') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+    run_fresh(code)

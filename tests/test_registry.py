@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from fresh_python import run_fresh
 
 import attnbench
 from attnbench import Pattern, UnsupportedError
@@ -54,7 +52,7 @@ def test_import_is_lazy():
         "bad = [m for m in ('triton', 'cupy', 'flash_attn', 'transformers') if m in sys.modules]\n"
         "assert not bad, f'registering implementations imported {bad}'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_fresh(code)
 
 
 def test_duplicate_name_is_an_error(throwaway):
