@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from .registry import list_impls
-from .tables import ResultsError, load
+from .tables import ResultsError, load, report_written
 
 __all__ = ["PALETTE", "MAX_PATTERNS_PER_FIGURE", "ResultsError", "load_results", "filter_results", "fit_exponent",
            "impl_color", "impl_order", "short_reason", "pivot_results", "ratio_table", "scaling_figures",
@@ -368,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dpi", type=int, default=110)
     a = ap.parse_args(argv)
     out = a.out or a.results[0].with_suffix(".png")
-    try:
+
+    def draw() -> list[Path]:
         df = filter_results(load(a.results), patterns=a.pattern, modes=a.mode, dtypes=a.dtype, impls=a.impl,
                             device=a.device)  # fmt: skip
         if a.baseline:
@@ -376,11 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         paths = plot_scaling(df, out, per_pattern=a.per_pattern or None, dpi=a.dpi)
         if a.baseline:
             paths.append(plot_ratios(df, a.baseline, out.with_name(f"{out.stem}-vs-{a.baseline}.png"), dpi=a.dpi))
-    except ResultsError as e:
-        print(f"attnbench.plot: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    print("\n".join(map(str, paths)))
-    return 0
+        return paths
+
+    return report_written("attnbench.plot", draw)
 
 
 if __name__ == "__main__":

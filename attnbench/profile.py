@@ -324,18 +324,18 @@ def main(argv: list[str] | None = None) -> int:
                                  "study's profiled rows: <study>-breakdown.csv and .png beside its table.")  # fmt: skip
     ap.add_argument("table", type=Path, help="a results table with a profile column (e.g. results/breakdown-cpu.csv)")
     a = ap.parse_args(argv)
-    from .tables import latest, read_table
+    from .tables import ResultsError, latest, read_table, report_written
 
-    if not a.table.is_file():
-        print(f"attnbench.profile: {a.table}: no such table", file=sys.stderr)
-        return 2
-    rows = latest(read_table(a.table)).to_dict("records")
-    written = write_breakdown([r for r in rows if r.get("profile")], a.table)
-    if written is None:
-        print(f"attnbench.profile: {a.table}: no profiled rows (measure with profile=true)", file=sys.stderr)
-        return 2
-    print("\n".join(map(str, written)))
-    return 0
+    def draw() -> tuple[Path, Path]:
+        if not a.table.is_file():
+            raise ResultsError(f"{a.table}: no such table")
+        rows = latest(read_table(a.table)).to_dict("records")
+        written = write_breakdown([r for r in rows if r.get("profile")], a.table)
+        if written is None:
+            raise ResultsError(f"{a.table}: no profiled rows (measure with profile=true)")
+        return written
+
+    return report_written("attnbench.profile", draw)
 
 
 if __name__ == "__main__":

@@ -187,7 +187,8 @@ def register(
 ) -> Callable[[ImplFn], ImplFn]:
     """Decorator registering ``fn(q, k, v, pattern, scale) -> out`` under ``name``.
 
-    A duplicate name is an error; so is an unknown feature.
+    ``features=FEATURES`` declares every feature; ``description`` defaults to the first
+    line of ``fn``'s docstring. A duplicate name is an error; so is an unknown feature.
     """
     feats = frozenset(features)
     unknown = feats - set(FEATURES)

@@ -20,8 +20,9 @@ import math
 import os
 import re
 import socket
+import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,7 @@ __all__ = [
     "merge_into",
     "done",
     "load",
+    "report_written",
 ]
 
 ROWS_SUFFIX = ".rows"
@@ -254,6 +256,19 @@ def done(c: BenchConfig) -> set[tuple]:
 # ---------------------------------------------------------------------- loading, for figures and notebooks
 class ResultsError(ValueError):
     """A results table cannot be used: missing, empty, unparseable or incomplete."""
+
+
+def report_written(prog: str, write: Callable[[], Iterable[Path]]) -> int:
+    """The end of a command that draws from tables (``python -m attnbench.plot``,
+    ``attnbench.profile``): runs ``write()`` and prints the files it wrote, one a line
+    (exit status 0), or its :class:`ResultsError` in one line on stderr (status 2)."""
+    try:
+        paths = list(write())
+    except ResultsError as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print("\n".join(map(str, paths)))
+    return 0
 
 
 #: what every table must have; the rest may be missing (older tables, other tools)

@@ -110,20 +110,93 @@ __device__ __forceinline__ bf16_t from_float<bf16_t>(float v) {
 #define MV_C 32     // band columns staged per step by band_av / band_tv
 #define MV_D 64     // head-dimension columns per band_av / band_tv block
 
-// Which (batch*head, class, first class index) this block serves. Returns false when
-// the block has nothing to do; that holds for the whole block, so the early return
-// happens before any __syncthreads.
-__device__ __forceinline__ bool tile_of_block(int n, int H, const int* __restrict__ dil, int& bh, int& d, int& r,
-                                              int& t0, int& len) {
-    bh = blockIdx.z;
-    d = dil[bh % H];
+// What one block works on: the TILE class indices t0 .. t0+63 of class r (len tokens)
+// of one (batch, head) slice whose head has dilation d.
+struct Tile {
+    long long base;  // the slice's first row in the (B*H*n, ...) tensors
+    int d, r, t0, len;
+
+    // The row of class index t in the (B*H*n, ...) tensors: token r + d*t of the slice.
+    __device__ __forceinline__ long long row(int t) const { return base + (r + d * t); }
+    __device__ __forceinline__ bool has(int t) const { return t >= 0 && t < len; }
+};
+
+// Which tile this block serves. Returns false when the block has nothing to do; that
+// holds for the whole block, so the early return happens before any __syncthreads.
+__device__ __forceinline__ bool tile_of_block(int n, int H, const int* __restrict__ dil, Tile& tile) {
+    const int bh = blockIdx.z;
+    const int d = dil[bh % H];
     const int m = (n + d - 1) / d;                 // length of the longest class (class 0)
     const int tiles_per_class = (m + TILE - 1) / TILE;
-    r = blockIdx.x / tiles_per_class;
-    if (r >= d) return false;                      // past this head's classes
-    t0 = (blockIdx.x % tiles_per_class) * TILE;
-    len = (n - r + d - 1) / d;                     // ceil((n - r) / d); 0 when r >= n
-    return t0 < len;
+    tile.base = (long long)bh * n;
+    tile.d = d;
+    tile.r = blockIdx.x / tiles_per_class;
+    if (tile.r >= d) return false;                 // past this head's classes
+    tile.t0 = (blockIdx.x % tiles_per_class) * TILE;
+    tile.len = (n - tile.r + d - 1) / d;           // ceil((n - r) / d); 0 when r >= n
+    return tile.t0 < tile.len;
+}
+
+// Stages class indices first .. first+ROWS-1 (one per row of S) x head dims
+// k0 .. k0+COLS-1 of the (B*H*n, D) tensor x into S as float, zeros past the class or
+// past D. The 256 threads stride over the tile: a warp reads consecutive dims of a row.
+template <int COLS, int ROWS, int LD, typename T>
+__device__ __forceinline__ void stage_rows(float (&S)[ROWS][LD], const T* __restrict__ x, const Tile& tile, int first,
+                                           int k0, int D, int tid) {
+    for (int e = tid; e < ROWS * COLS; e += 256) {
+        const int row = e / COLS, kk = e % COLS, u = first + row, k = k0 + kk;
+        S[row][kk] = (tile.has(u) && k < D) ? to_float(x[tile.row(u) * D + k]) : 0.f;
+    }
+}
+
+// The frame of band_av and band_tv. A block computes 64 consecutive class indices of
+// its tile (output rows) x 64 head dims kd0 .. kd0+63, looping over the band in steps
+// of 32 columns c0 .. c0+31. A step stages its band entries (stage_band(c0, tid) does,
+// and returns the class index of the first of the 95 consecutive rows of x they meet)
+// and those rows of x. Thread (p, q) owns the 4 consecutive output rows 4q + i and the
+// dims p + 16j and walks the staged rows 4q + s (s < 35); band(tl, sl) is the staged
+// band entry that output row tl meets at staged row sl (0 where there is none). Each
+// loaded row of x (4 values) serves 4 output rows: 8 loads per 16 multiply-adds, and
+// only 3 of 35 steps are partly idle. Xs rows are padded to 68 floats so the two row
+// groups q, q + 1 of a warp read disjoint banks.
+template <typename T, typename O, typename StageBand, typename BandEntry>
+__device__ __forceinline__ void band_mv(const T* __restrict__ x, O* __restrict__ out, const Tile& tile, int D, int W,
+                                        float alpha, StageBand stage_band, BandEntry band) {
+    __shared__ float Xs[TILE + MV_C - 1][MV_D + 4];
+    const int kd0 = blockIdx.y * MV_D;
+    const int p = threadIdx.x, q = threadIdx.y, tid = q * 16 + p;
+
+    float acc[4][4] = {};
+    for (int c0 = 0; c0 < W; c0 += MV_C) {
+        const int first = stage_band(c0, tid);
+        stage_rows<MV_D>(Xs, x, tile, first, kd0, D, tid);
+        __syncthreads();
+#pragma unroll 5
+        for (int s = 0; s < MV_C + 3; ++s) {
+            float xv[4];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) xv[j] = Xs[4 * q + s][p + 16 * j];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float bv = band(4 * q + i, 4 * q + s);
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acc[i][j] += bv * xv[j];
+            }
+        }
+        __syncthreads();  // before the next step overwrites the staged rows
+    }
+
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const int t = tile.t0 + 4 * q + i;
+        if (t >= tile.len) continue;
+        O* __restrict__ orow = out + tile.row(t) * D;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            const int k = kd0 + p + 16 * j;
+            if (k < D) orow[k] = from_float<O>(alpha * acc[i][j]);
+        }
+    }
 }
 
 // ------------------------------------------------------------------ (1) band_qk
@@ -147,32 +220,17 @@ __global__ void __launch_bounds__(256)
             float fill) {
     __shared__ float As[TILE][QK_K + 1];
     __shared__ float Xs[TILE + QK_COLS - 1][QK_K + 1];
-    int bh, d, r, t0, len;
-    if (!tile_of_block(n, H, dil, bh, d, r, t0, len)) return;
+    Tile tile;
+    if (!tile_of_block(n, H, dil, tile)) return;
     const int c0 = blockIdx.y * QK_COLS;
-    const int u0 = t0 + c0 - off;  // class index of the key staged in Xs row 0
-    const long long base = (long long)bh * n;  // first token of this (batch, head)
-    const T* __restrict__ ab = a + base * D;
-    const T* __restrict__ xb = x + base * D;
+    const int u0 = tile.t0 + c0 - off;  // class index of the key staged in Xs row 0
     const int p = threadIdx.x, q = threadIdx.y, tid = q * 16 + p;
 
-    float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-
+    float acc[4][4] = {};
     for (int k0 = 0; k0 < D; k0 += QK_K) {
-        // Stage A rows t0.. and keys u0.. for head dims k0 .. k0+31 (zeros past D or
-        // past the class): one warp reads 32 consecutive elements of one row.
-        for (int e = tid; e < TILE * QK_K; e += 256) {
-            const int row = e / QK_K, kk = e % QK_K, t = t0 + row, k = k0 + kk;
-            As[row][kk] = (t < len && k < D) ? to_float(ab[(long long)(r + d * t) * D + k]) : 0.f;
-        }
-        for (int e = tid; e < (TILE + QK_COLS - 1) * QK_K; e += 256) {
-            const int row = e / QK_K, kk = e % QK_K, u = u0 + row, k = k0 + kk;
-            Xs[row][kk] = (u >= 0 && u < len && k < D) ? to_float(xb[(long long)(r + d * u) * D + k]) : 0.f;
-        }
+        // Stage A rows t0.. and keys u0.. for head dims k0 .. k0+31.
+        stage_rows<QK_K>(As, a, tile, tile.t0, k0, D, tid);
+        stage_rows<QK_K>(Xs, x, tile, u0, k0, D, tid);
         __syncthreads();
 #pragma unroll 4
         for (int kk = 0; kk < QK_K; ++kk) {
@@ -191,15 +249,15 @@ __global__ void __launch_bounds__(256)
 
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        const int t = t0 + q + 16 * i;
-        if (t >= len) continue;
-        float* __restrict__ srow = s + (base + r + (long long)d * t) * ld;
+        const int t = tile.t0 + q + 16 * i;
+        if (t >= tile.len) continue;
+        float* __restrict__ srow = s + tile.row(t) * ld;
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int c = c0 + p + 16 * j;
             if (c >= W) continue;
             const int u = t + c - off;  // key class index; key position r + d*u
-            const bool ok = u >= 0 && u < len && !(key_skip != nullptr && key_skip[r + d * u]);
+            const bool ok = tile.has(u) && !(key_skip != nullptr && key_skip[tile.r + tile.d * u]);
             srow[c] = ok ? alpha * acc[i][j] : fill;
         }
     }
@@ -209,76 +267,31 @@ __global__ void __launch_bounds__(256)
 //
 //   Out[i, k] = alpha * sum_c P[i, c] * X[i + d*(c - off), k]
 //
-// One block: 64 consecutive class indices t0 .. t0+63 x 64 head dims kd0 .. kd0+63,
-// looping over the band in steps of 32 columns c0 .. c0+31. A step needs the 95
-// consecutive keys u0 .. u0+94 (u0 = t0 + c0 - off): row tl, column cl meets staged
-// key tl + cl. Thread (p, q) owns the 4 consecutive rows 4q + a and the dims p + 16b.
-// It walks the staged keys 4q + s (s < 35): key 4q + s is column s - a of its row
-// 4q + a, so each loaded key row (4 values) serves 4 rows: 8 loads per 16
-// multiply-adds, and only 3 of 35 steps are partly idle. Xs rows are padded to 68
-// floats so the two row groups q, q + 1 of a warp read disjoint banks.
+// In the frame of band_mv: a step of columns c0 .. c0+31 needs the 95 consecutive keys
+// u0 .. u0+94 (u0 = t0 + c0 - off); row tl, column cl meets staged key tl + cl.
 template <typename T, typename O>
 __global__ void __launch_bounds__(256)
     band_av(const float* __restrict__ pb, const T* __restrict__ x, O* __restrict__ out, const int* __restrict__ dil,
             int H, int n, int D, int W, int off, int ld, float alpha) {
     __shared__ float Ps[TILE][MV_C + 1];
-    __shared__ float Xs[TILE + MV_C - 1][MV_D + 4];
-    int bh, d, r, t0, len;
-    if (!tile_of_block(n, H, dil, bh, d, r, t0, len)) return;
-    const int kd0 = blockIdx.y * MV_D;
-    const long long base = (long long)bh * n;
-    const float* __restrict__ pbb = pb + base * ld;
-    const T* __restrict__ xb = x + base * D;
-    const int p = threadIdx.x, q = threadIdx.y, tid = q * 16 + p;
-
-    float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-
-    for (int c0 = 0; c0 < W; c0 += MV_C) {
-        const int u0 = t0 + c0 - off;  // class index of the key staged in Xs row 0
+    Tile tile;
+    if (!tile_of_block(n, H, dil, tile)) return;
+    const auto stage_band = [&](int c0, int tid) {
         // Band tile: rows t0.., columns c0..; zero where the row, the column or the
         // key does not exist.
         for (int e = tid; e < TILE * MV_C; e += 256) {
-            const int row = e / MV_C, cl = e % MV_C, t = t0 + row, c = c0 + cl, u = t + c - off;
-            const bool ok = t < len && c < W && u >= 0 && u < len;
-            Ps[row][cl] = ok ? pbb[(long long)(r + d * t) * ld + c] : 0.f;
+            const int row = e / MV_C, cl = e % MV_C, t = tile.t0 + row, c = c0 + cl;
+            const bool ok = t < tile.len && c < W && tile.has(t + c - off);
+            Ps[row][cl] = ok ? pb[tile.row(t) * ld + c] : 0.f;
         }
-        for (int e = tid; e < (TILE + MV_C - 1) * MV_D; e += 256) {
-            const int row = e / MV_D, kk = e % MV_D, u = u0 + row, k = kd0 + kk;
-            Xs[row][kk] = (u >= 0 && u < len && k < D) ? to_float(xb[(long long)(r + d * u) * D + k]) : 0.f;
-        }
-        __syncthreads();
-#pragma unroll 5
-        for (int s = 0; s < MV_C + 3; ++s) {
-            float xv[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) xv[j] = Xs[4 * q + s][p + 16 * j];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int cl = s - i;  // column of staged key 4q + s in row 4q + i
-                const bool in = cl >= 0 && cl < MV_C;
-                const float pv = in ? Ps[4 * q + i][in ? cl : 0] : 0.f;
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] += pv * xv[j];
-            }
-        }
-        __syncthreads();
-    }
-
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int t = t0 + 4 * q + i;
-        if (t >= len) continue;
-        O* __restrict__ orow = out + (base + r + (long long)d * t) * D;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int k = kd0 + p + 16 * j;
-            if (k < D) orow[k] = from_float<O>(alpha * acc[i][j]);
-        }
-    }
+        return tile.t0 + c0 - off;  // u0
+    };
+    const auto band = [&](int tl, int sl) {
+        const int cl = sl - tl;  // row tl meets staged key sl in column sl - tl
+        const bool in = cl >= 0 && cl < MV_C;
+        return in ? Ps[tl][in ? cl : 0] : 0.f;
+    };
+    band_mv(x, out, tile, D, W, alpha, stage_band, band);
 }
 
 // ------------------------------------------------------------------ (3) band_tv
@@ -287,74 +300,34 @@ __global__ void __launch_bounds__(256)
 //
 // The transpose of (2): row j of the output gathers, from each column c, the query
 // whose column c is key j. In class indices key u meets query t = u - (c - off).
-// One block: 64 consecutive key class indices u0 .. u0+63 x 64 head dims, looping
-// over the band in steps of 32 columns c0 .. c0+31. A step needs the 95 consecutive
-// queries t_lo .. t_lo+94 with t_lo = u0 - c0 - 31 + off; key ul, column cl meets
-// staged query ul - cl + 31. The band is staged as that 95 x 32 rectangle (row by
-// row, so global reads stay coalesced), i.e. indexed by the same staged row as X.
-// Thread (p, q) owns the 4 consecutive keys 4q + a and dims p + 16b; it walks the
-// staged queries 4q + s (s < 35), which is column 31 + a - s for key 4q + a.
+// In the frame of band_mv, with the tile's class indices u0 .. u0+63 as the keys: a
+// step of columns c0 .. c0+31 needs the 95 consecutive queries t_lo .. t_lo+94 with
+// t_lo = u0 - c0 - 31 + off; key ul, column cl meets staged query ul - cl + 31. The
+// band is staged as that 95 x 32 rectangle (row by row, so global reads stay
+// coalesced), i.e. indexed by the same staged row as X.
 template <typename T, typename O>
 __global__ void __launch_bounds__(256)
     band_tv(const float* __restrict__ pb, const T* __restrict__ x, O* __restrict__ out, const int* __restrict__ dil,
             int H, int n, int D, int W, int off, int ld, float alpha) {
     __shared__ float Bs[TILE + MV_C - 1][MV_C + 1];
-    __shared__ float Xs[TILE + MV_C - 1][MV_D + 4];
-    int bh, d, r, u0, len;
-    if (!tile_of_block(n, H, dil, bh, d, r, u0, len)) return;
-    const int kd0 = blockIdx.y * MV_D;
-    const long long base = (long long)bh * n;
-    const float* __restrict__ pbb = pb + base * ld;
-    const T* __restrict__ xb = x + base * D;
-    const int p = threadIdx.x, q = threadIdx.y, tid = q * 16 + p;
-
-    float acc[4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
-
-    for (int c0 = 0; c0 < W; c0 += MV_C) {
-        const int t_lo = u0 - c0 - (MV_C - 1) + off;  // query class index staged in row 0
+    Tile tile;
+    if (!tile_of_block(n, H, dil, tile)) return;
+    const auto stage_band = [&](int c0, int tid) {
+        const int t_lo = tile.t0 - c0 - (MV_C - 1) + off;  // query class index staged in row 0
         // The band rectangle rows t_lo .. t_lo+94, columns c0 .. c0+31. An entry whose
         // key falls outside this block's keys is staged but never read; one whose key
         // is past the class end only feeds an output row that is not written.
         for (int e = tid; e < (TILE + MV_C - 1) * MV_C; e += 256) {
             const int row = e / MV_C, cl = e % MV_C, t = t_lo + row, c = c0 + cl;
-            const bool ok = t >= 0 && t < len && c < W && t + c - off >= 0;
-            Bs[row][cl] = ok ? pbb[(long long)(r + d * t) * ld + c] : 0.f;
+            const bool ok = tile.has(t) && c < W && t + c - off >= 0;
+            Bs[row][cl] = ok ? pb[tile.row(t) * ld + c] : 0.f;
         }
-        for (int e = tid; e < (TILE + MV_C - 1) * MV_D; e += 256) {
-            const int row = e / MV_D, kk = e % MV_D, t = t_lo + row, k = kd0 + kk;
-            Xs[row][kk] = (t >= 0 && t < len && k < D) ? to_float(xb[(long long)(r + d * t) * D + k]) : 0.f;
-        }
-        __syncthreads();
-#pragma unroll 5
-        for (int s = 0; s < MV_C + 3; ++s) {
-            float xv[4];
-#pragma unroll
-            for (int j = 0; j < 4; ++j) xv[j] = Xs[4 * q + s][p + 16 * j];
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                const int cl = MV_C - 1 + i - s;  // column of staged query 4q + s for key 4q + i
-                const bool in = cl >= 0 && cl < MV_C;
-                const float bv = in ? Bs[4 * q + s][in ? cl : 0] : 0.f;
-#pragma unroll
-                for (int j = 0; j < 4; ++j) acc[i][j] += bv * xv[j];
-            }
-        }
-        __syncthreads();
-    }
-
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const int u = u0 + 4 * q + i;
-        if (u >= len) continue;
-        O* __restrict__ orow = out + (base + r + (long long)d * u) * D;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            const int k = kd0 + p + 16 * j;
-            if (k < D) orow[k] = from_float<O>(alpha * acc[i][j]);
-        }
-    }
+        return t_lo;
+    };
+    const auto band = [&](int ul, int sl) {
+        const int cl = MV_C - 1 + ul - sl;  // key ul meets staged query sl in column 31 + ul - sl
+        const bool in = cl >= 0 && cl < MV_C;
+        return in ? Bs[sl][in ? cl : 0] : 0.f;
+    };
+    band_mv(x, out, tile, D, W, alpha, stage_band, band);
 }

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attnbench import Pattern, register
+from attnbench import FEATURES, Pattern, register
 from attnbench.ops import gather_heads, global_index, head_groups, scatter_heads
 
 MIN_CHUNK = 16
@@ -97,13 +97,9 @@ def _merge(x: torch.Tensor, n: int) -> torch.Tensor:
     return x[:, :, :, :m].transpose(2, 3).reshape(B, H, m * d, X)[:, :, :n]
 
 
-@register(
-    "chunked",
-    features=("dilation", "per_head_dilation", "global_tokens", "causal", "backward"),
-    memory=_memory,
-    description="overlapping chunks into an (n, w+1) band, as Longformer / Hugging Face (linear memory)",
-)
+@register("chunked", features=FEATURES, memory=_memory)
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+    """overlapping chunks into an (n, w+1) band, as Longformer / Hugging Face (linear memory)"""
     B, H, n, D = q.shape
     lo, hi = pattern.offset_range
     W = hi - lo + 1

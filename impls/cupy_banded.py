@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from attnbench import Pattern, register
+from attnbench import FEATURES, Pattern, register
 from attnbench.ops import global_index, index_tensor
 
 SOURCE = Path(__file__).with_name("_banded.cu")
@@ -337,12 +337,12 @@ def banded_attention(
     "cupy",
     devices=("cuda",),
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
-    features=("dilation", "per_head_dilation", "global_tokens", "causal", "backward"),
+    features=FEATURES,
     probe=_probe,
     check=_check,
     memory=_memory,
-    description="raw CUDA banded kernels via CuPy (Longformer diagonaled_mm style), fp32 accumulation",
     tunables={"tile": TILE, "qk_cols": QK_COLS, "mv_cols": 32, "mv_dims": MV_D, "block": "16x16"},
 )
 def cupy_banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+    """raw CUDA banded kernels via CuPy (Longformer diagonaled_mm style), fp32 accumulation"""
     return banded_attention(q, k, v, pattern, scale, _cupy_launcher())

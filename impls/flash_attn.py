@@ -65,10 +65,12 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     probe=_probe,
     check=_check,
     memory=_memory,
-    description="FlashAttention 2 flash_attn_func with window_size=(w/2, w/2) or (w, 0) causal",
 )
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
-    """q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)`` through ``flash_attn_func``."""
+    """FlashAttention 2 flash_attn_func with window_size=(w/2, w/2) or (w, 0) causal
+
+    q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)`` through ``flash_attn_func``.
+    """
     from flash_attn import flash_attn_func
 
     w = pattern.window

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from attnbench import Pattern, UnsupportedError, register
+from attnbench import FEATURES, Pattern, UnsupportedError, register
 
 #: LRU cache size for block masks, keyed by (seq_len, heads, pattern, device)
 CACHE_SIZE = 16
@@ -169,17 +169,19 @@ def clear_cache() -> None:
 @register(
     "flex",
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
-    features=("dilation", "per_head_dilation", "global_tokens", "causal", "backward"),
+    features=FEATURES,
     probe=_probe,
     check=_check,
     memory=_memory,
-    description="PyTorch FlexAttention, compiled, exact mask_mod, cached 128x128 BlockMask",
     tunables={"block_size": BLOCK, "cache_size": CACHE_SIZE},
     slow_on_cpu=True,
     report=report,
 )
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
-    """q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)`` through compiled ``flex_attention``."""
+    """PyTorch FlexAttention, compiled, exact mask_mod, cached 128x128 BlockMask
+
+    q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)`` through compiled ``flex_attention``.
+    """
     B, H, n, D = q.shape
     cpu = q.device.type == "cpu"
     if cpu and any(t.requires_grad for t in (q, k, v)):

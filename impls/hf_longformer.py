@@ -164,10 +164,12 @@ def _layer(heads: int, head_dim: int, window: int) -> nn.Module:
     probe=_probe,
     check=_check,
     memory=_memory,
-    description="Hugging Face transformers' LongformerSelfAttention.forward on our q, k, v (sliding chunks)",
 )
 def hf_longformer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
-    """q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)`` through HF's self-attention layer."""
+    """Hugging Face transformers' LongformerSelfAttention.forward on our q, k, v (sliding chunks)
+
+    q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)`` through HF's self-attention layer.
+    """
     B, H, n, D = q.shape
     w = pattern.window
     m = math.ceil(n / w) * w  # HF: length a multiple of attention_window

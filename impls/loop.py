@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from attnbench import Pattern, register
+from attnbench import FEATURES, Pattern, register
 from attnbench.ops import gather_heads, head_groups, scatter_heads
 from attnbench.pattern import window_rule
 
@@ -29,13 +29,9 @@ def _extra_globals(i: int, d: int, lo: int, hi: int, globs: tuple[int, ...], cau
     return [g for g in globs if not window_rule(i, g, d, lo, hi) and not (causal and g > i)]
 
 
-@register(
-    "loop",
-    features=("dilation", "per_head_dilation", "global_tokens", "causal", "backward"),
-    memory=_memory,
-    description="Python loop over queries gathering each row's keys (linear memory, slow)",
-)
+@register("loop", features=FEATURES, memory=_memory)
 def loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+    """Python loop over queries gathering each row's keys (linear memory, slow)"""
     B, H, n, D = q.shape
     lo, hi = pattern.offset_range
     gset = set(pattern.global_tokens)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from attnbench import Pattern, register
+from attnbench import FEATURES, Pattern, register
 
 
 def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
@@ -20,13 +20,9 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     return fwd * (2.0 if backward else 1.0) + 3 * B * H * n * D * esize
 
 
-@register(
-    "naive",
-    features=("dilation", "per_head_dilation", "global_tokens", "causal", "backward"),
-    memory=_memory,
-    description="full n x n attention masked to the pattern (quadratic memory)",
-)
+@register("naive", features=FEATURES, memory=_memory)
 def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+    """full n x n attention masked to the pattern (quadratic memory)"""
     B, H, n, D = q.shape
     mask = pattern.mask(n, heads=H).to(q.device)  # (H, n, n)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, n, n), input dtype as users write it

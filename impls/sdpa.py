@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from attnbench import Pattern, register
+from attnbench import FEATURES, Pattern, register
 
 
 def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
@@ -27,14 +27,12 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     return float(mask + scores * (2.0 if backward else 1.0) + io * (4 if backward else 1))
 
 
-@register(
-    "sdpa",
-    features=("dilation", "per_head_dilation", "global_tokens", "causal", "backward"),
-    memory=_memory,
-    description="F.scaled_dot_product_attention with the dense (H, n, n) boolean mask (quadratic)",
-)
+@register("sdpa", features=FEATURES, memory=_memory)
 def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
-    """q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)``."""
+    """F.scaled_dot_product_attention with the dense (H, n, n) boolean mask (quadratic)
+
+    q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)``.
+    """
     B, H, n, D = q.shape
     mask = pattern.mask(n, heads=H).to(q.device).unsqueeze(0)  # (1, H, n, n)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -7,7 +7,8 @@ block runs as 256 std::threads sharing the ``__shared__`` arrays and
 guards and staging on the CPU, through the same Python code path (``banded_attention``)
 that CuPy drives on a GPU. Those tests skip when no C++20 compiler is found. Where nvcc
 is installed, the device build is compiled for sm90 too (no spills, shared memory in
-bounds). The GPU tests skip with the implementation's probe reason.
+bounds). The GPU tests run where the suite runs on CUDA (``ATTNBENCH_TEST_DEVICE=cuda``,
+as gpu_check runs it) and the implementation is available; elsewhere they skip, saying why.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import subprocess
 import pytest
 import torch
 from attnbench.impls import cupy_banded as cb
+from conftest import DEVICE, assert_grads_ok, assert_output_ok, impl_or_skip
 
 import attnbench
 from attnbench import Pattern
-from attnbench.verify import check_grads, check_output
 
 # ---------------------------------------------------------------- host emulation
 
@@ -202,10 +203,9 @@ def _check_against_reference(attend, pattern: Pattern, n: int, dtype: torch.dtyp
     g = torch.Generator(device=device).manual_seed(0)
     q, k, v, go = (torch.randn(2, 4, n, D, device=device, generator=g).to(dtype) for _ in range(4))
     scale = D**-0.5
-    verdicts = [check_output(attend(q, k, v, scale), q, k, v, pattern, scale)]
-    verdicts += check_grads(lambda a, b, c: attend(a, b, c, scale), q, k, v, pattern, go, scale)
-    for verdict in verdicts:
-        assert verdict.ok, str(verdict)
+    what = f"cupy {pattern.describe()} n={n} {dtype}"
+    assert_output_ok(attend(q, k, v, scale), q, k, v, pattern, what, scale)
+    assert_grads_ok(lambda a, b, c: attend(a, b, c, scale), q, k, v, pattern, what, scale, dout=go)
 
 
 ATTN_CASES = [
@@ -293,12 +293,8 @@ def test_memory_estimate_grows_with_window_and_backward():
 
 # ---------------------------------------------------------------- on a CUDA device
 
-_WHY = attnbench.get_impl("cupy").unavailable_reason()
-gpu = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
-
 
 @pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize(
     "pattern,n",
@@ -312,5 +308,6 @@ gpu = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
     ids=lambda x: x.describe() if isinstance(x, Pattern) else f"n{x}",
 )
 def test_gpu_matches_reference(pattern, n, dtype):
+    impl_or_skip("cupy")
     attend = lambda a, b, c, scale: attnbench.attention(a, b, c, pattern, impl="cupy", scale=scale)  # noqa: E731
-    _check_against_reference(attend, pattern, n, dtype, 64, "cuda")
+    _check_against_reference(attend, pattern, n, dtype, 64, DEVICE)

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
+from fresh_python import run_fresh
 
 import attnbench
 from attnbench import Pattern, UnsupportedError
@@ -54,7 +52,7 @@ def test_import_is_lazy():
         "bad = [m for m in ('triton', 'cupy', 'flash_attn', 'transformers') if m in sys.modules]\n"
         "assert not bad, f'registering implementations imported {bad}'\n"
     )
-    subprocess.run([sys.executable, "-c", code], check=True)
+    run_fresh(code)
 
 
 def test_duplicate_name_is_an_error(throwaway):
@@ -99,23 +97,17 @@ def test_unavailable_probe_is_a_reason(throwaway):
 
 def test_no_silent_fallback(throwaway):
     """An implementation that cannot run raises: it is never replaced by another."""
-    throwaway("fp16_only", dtypes=(torch.float16,), features=reg.FEATURES)
+    throwaway("fp16_only", dtypes=(torch.float16,))
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(UnsupportedError):
         attnbench.attention(q, q, q, Pattern(2), impl="fp16_only")
 
 
 def test_output_contract_enforced(throwaway):
-    @attnbench.register("bad_shape")
-    def bad(q, k, v, pattern, scale):
-        return q[..., :1]
-
-    try:
-        q = torch.randn(1, 1, 4, 8)
-        with pytest.raises(RuntimeError, match="returned shape"):
-            attnbench.attention(q, q, q, Pattern(2), impl="bad_shape")
-    finally:
-        reg.unregister("bad_shape")
+    throwaway("bad_shape", lambda q, k, v, pattern, scale: q[..., :1])
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError, match="returned shape"):
+        attnbench.attention(q, q, q, Pattern(2), impl="bad_shape")
 
 
 def test_unknown_impl_names_choices():
