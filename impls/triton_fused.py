@@ -16,8 +16,7 @@ CPU tensors run in Triton's interpreter (numpy, slow: tests use small sizes); CU
 tensors run compiled kernels, autotuned per head_dim and window for long sequences.
 The call goes through the custom op ``torch.ops.attnbench.triton_longformer_fwd``
 (with a fake implementation and a registered backward), so it composes with
-``torch.compile``; :class:`TritonLongformerAttention` is the same as a plain
-``torch.autograd.Function``.
+``torch.compile``; it is the only path, eager or compiled.
 
 Triton is imported only when a call runs: ``import attnbench.impls.triton_fused``
 needs torch alone, and the probe names what is missing.
@@ -241,34 +240,6 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 def _op_args(q: torch.Tensor, pattern: Pattern, scale: float) -> tuple:
     dil = list(pattern.dilations(q.shape[1]))
     return pattern.window, dil, pattern.causal, list(pattern.global_tokens), float(scale)
-
-
-class TritonLongformerAttention(torch.autograd.Function):
-    """The kernels as a plain autograd Function (eager only; the registered
-    implementation uses the custom op, which torch.compile can trace).
-
-    ``TritonLongformerAttention.apply(q, k, v, pattern, scale)``."""
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float):
-        params = _op_args(q, pattern, scale)
-        window, dil, causal, glob, sc = params
-        out, lse = _kernels_for(q).forward(
-            q.contiguous(), k.contiguous(), v.contiguous(), tuple(dil), window, causal, tuple(glob), sc
-        )
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.params = params
-        return out
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        window, dil, causal, glob, sc = ctx.params
-        dq, dk, dv = _kernels_for(q).backward(
-            dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
-            tuple(dil), window, causal, tuple(glob), sc,
-        )  # fmt: skip
-        return dq, dk, dv, None, None
 
 
 # ---------------------------------------------------------------------------- registry

@@ -1,5 +1,5 @@
 """The fused Triton implementation beyond the shared correctness cases: the custom op
-under torch.compile, the autograd Function, last_config, the kernel loader, the
+eager and under torch.compile, last_config, the kernel loader, the
 interpreter's small blocks, and the compiled (CUDA) path without a GPU: every kernel
 is compiled for sm90, and the CUDA launch code is run against recording stand-ins.
 
@@ -83,10 +83,14 @@ def test_custom_op_opcheck():
                           "test_autograd_registration", "test_faketensor"))  # fmt: skip
 
 
-def test_autograd_function_matches_op():
-    q, k, v = rand_qkv(2, 2, 37, 24, torch.float32, requires_grad=True)  # head_dim 24: padded to 32
+def test_op_eager_autograd_matches_reference():
+    """The custom op called directly, eager: batch 2, per-head dilation, head_dim 24
+    (padded to 32), the last token global; outputs and gradients through its
+    registered backward."""
+    q, k, v = rand_qkv(2, 2, 37, 24, torch.float32, requires_grad=True)
     p = Pattern(8, (1, 3), False, (36,))
-    out = tf.TritonLongformerAttention.apply(q, k, v, p, 24**-0.5)
+    out, lse = torch.ops.attnbench.triton_longformer_fwd(q, k, v, 8, [1, 3], False, [36], 24**-0.5)
+    assert not lse.requires_grad and lse.shape == (2, 2, 37)
     ref = attnbench.reference(q, k, v, p, 24**-0.5)
     ref_grads = reference_grads(q, k, v, p, torch.ones_like(out, dtype=torch.float64), 24**-0.5)
     assert (out.double() - ref).abs().max() < 1e-5
