@@ -56,15 +56,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_fused import AUTOTUNE_MIN_SEQ, INTERPRETER_BLOCK, block_d
+
 #: this copy was imported with TRITON_INTERPRET set (its kernels run on the CPU in numpy)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 LOG2E = 1.4426950408889634
-
-#: block sizes in the interpreter. Each interpreted op costs tens of microseconds of
-#: Python whatever its size, so fewer, larger blocks run faster; 32 still gives several
-#: blocks per class at test sizes (n ~ 100)
-INTERP_BLOCK = 32
 
 #: scalar kernel arguments that vary per call; not specialised, so one binary serves all.
 #: n_tune (the window kernels' last) is n rounded up to a power of two: unused by the
@@ -676,13 +673,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def block_d(head_dim: int) -> int:
-    """Head dim as the kernels see it: the next power of two, at least 16 (tl.dot's
-    minimum). The extra columns are masked loads of zeros, so q.k is unchanged and the
-    scale stays the caller's (``1/sqrt(head_dim)`` of the real head_dim)."""
-    return max(16, _next_pow2(head_dim))
-
-
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) the CUDA autotuner tries. BLOCK_M: query
 #: rows per block, BLOCK_N: key rows per block, in every kernel.
 FWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3)]
@@ -691,10 +681,6 @@ BWD_Q_CONFIGS = [(64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2
 # (for 16-bit inputs every head_dim up to 128 has configs that ptxas compiles for sm90
 # without spilling registers, see cuobjdump -res-usage; fp32 inputs, three TF32 products
 # per dot, spill at every size)
-
-#: on CUDA, sequences at least this long use the autotuned kernels; shorter ones use a
-#: fixed config per head_dim, so that small problems do not pay for tuning
-AUTOTUNE_MIN_SEQ = 4096
 
 #: block sizes, warps and stages of the latest forward and backward, for last_config()
 LAST_CONFIG: dict = {}
@@ -832,7 +818,7 @@ def _window_launch(kernel, tuner, args: tuple, *, programs_over: str, n: int, d:
     loop walks key blocks) and "BLOCK_N" when it owns a block of keys."""
     n_cls = _cdiv(n, d)
     if INTERPRETED:
-        bm = bn = INTERP_BLOCK
+        bm = bn = INTERPRETER_BLOCK
         own, walk = (bm, bn) if programs_over == "BLOCK_M" else (bn, bm)
         k1, k2, kn = static_stages(w_span, own, walk)
         grid = (d * _cdiv(n_cls, own), B * HG)
@@ -865,7 +851,9 @@ def _rows_launch(kernel, args: tuple, *, n: int, G: int, BH: int, bg: int, bd: i
     """Launch a global-rows kernel: one program per block of global rows, all keys."""
     grid = (_cdiv(G, bg), BH)
     if INTERPRETED:
-        kernel[grid](*args, **const, BLOCK_G=bg, BLOCK_N=INTERP_BLOCK, STATIC_LOOPS=True, S_KN=_cdiv(n, INTERP_BLOCK))
+        kernel[grid](
+            *args, **const, BLOCK_G=bg, BLOCK_N=INTERPRETER_BLOCK, STATIC_LOOPS=True, S_KN=_cdiv(n, INTERPRETER_BLOCK)
+        )
     else:
         bn = 32 if bd * esize > 256 else 64
         kernel[grid](*args, **const, BLOCK_G=bg, BLOCK_N=bn, STATIC_LOOPS=False, S_KN=0, num_warps=4, num_stages=2)
@@ -887,7 +875,7 @@ def _dot_args(dtype: torch.dtype) -> dict:
 
 
 def _block_g(G: int) -> int:
-    return INTERP_BLOCK if INTERPRETED else min(64, max(16, _next_pow2(G)))
+    return INTERPRETER_BLOCK if INTERPRETED else min(64, max(16, _next_pow2(G)))
 
 
 def forward(
@@ -975,7 +963,7 @@ def backward(
     tune = not INTERPRETED and n >= AUTOTUNE_MIN_SEQ
 
     delta = torch.empty_like(lse)  # (B, H, n) fp32
-    bmd = INTERP_BLOCK if INTERPRETED else 64
+    bmd = INTERPRETER_BLOCK if INTERPRETED else 64
     _bwd_delta_kernel[(_cdiv(n, bmd), B * H)](out, do, delta, n, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bmd)
 
     dq = torch.empty_like(q)
@@ -1026,8 +1014,8 @@ def backward(
         )
         if INTERPRETED:
             _bwd_kv_global_keys_kernel[grid](
-                *args, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=INTERP_BLOCK, BLOCK_G=bg, **dot,
-                STATIC_LOOPS=True, S_QN=_cdiv(n, INTERP_BLOCK),
+                *args, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=INTERPRETER_BLOCK, BLOCK_G=bg, **dot,
+                STATIC_LOOPS=True, S_QN=_cdiv(n, INTERPRETER_BLOCK),
             )  # fmt: skip
         else:
             _bwd_kv_global_keys_kernel[grid](

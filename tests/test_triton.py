@@ -44,8 +44,6 @@ def test_kernel_copies_coexist():
     interp, compiled = tf.kernels(True), tf.kernels(False)
     assert interp.INTERPRETED and not compiled.INTERPRETED
     assert interp is not compiled and tf.kernels(True) is interp
-    assert interp.INTERP_BLOCK == tf.INTERPRETER_BLOCK
-    assert compiled.AUTOTUNE_MIN_SEQ == tf.AUTOTUNE_MIN_SEQ
 
 
 def test_custom_op_torch_compile_and_last_config():
@@ -102,7 +100,7 @@ def test_op_eager_autograd_matches_reference():
 def test_interpreter_small_blocks(monkeypatch, dtype):
     """Blocks of 16 at n=100: many row blocks, classes of several blocks, the inner
     (unmasked) window stage, global keys in and out of windows."""
-    monkeypatch.setattr(tf.kernels(True), "INTERP_BLOCK", 16)
+    monkeypatch.setattr(tf.kernels(True), "INTERPRETER_BLOCK", 16)
     q, k, v = rand_qkv(1, 3, 100, 16, dtype, seed=3)
     p = Pattern(64, (1, 2, 3), False, (0, 31, 99))
     assert_output_ok(attnbench.attention(q, k, v, p, impl="triton"), q, k, v, p, "blocks of 16")
@@ -172,7 +170,7 @@ def test_cuda_launch_code_binds(monkeypatch, n):
             assert grid == (d * -(-n_cls // own), B * args["HG"])
             assert args["BLOCK_D"] == 64 and args["HEAD_DIM"] == 40 and args["UPCAST"] is False
     cfg = kern.LAST_CONFIG
-    assert cfg["autotuned"] == (n >= kern.AUTOTUNE_MIN_SEQ)
+    assert cfg["autotuned"] == (n >= tf.AUTOTUNE_MIN_SEQ)
     if cfg["autotuned"]:
         assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"]) == (64, 32, 3)
 
@@ -217,7 +215,7 @@ def test_untuned_configs_fit_sm90(dtype, head_dim):
     kern = tf.kernels(False)
     esize = 2 if dtype == "bf16" else 4
     for kind, name in _WINDOW_KERNELS.items():
-        bm, bn, warps, stages = kern._fixed(kern.block_d(head_dim), esize, kind)
+        bm, bn, warps, stages = kern._fixed(tf.block_d(head_dim), esize, kind)
         compiled = _compile_sm90(name, dtype, head_dim, bm, bn, warps, stages)
         used = compiled.metadata.shared
         assert used <= kern.SMEM_LIMIT, f"{name} {dtype} head_dim {head_dim} {(bm, bn, warps, stages)}: {used} B shared"
@@ -246,7 +244,7 @@ def test_smem_estimate_bounds_the_compiler(sample):
     compiler allocates, and must agree with it on which side of the limit a config is."""
     kind, dtype, head_dim, bm, bn, warps, stages, bg = sample
     kern = tf.kernels(False)
-    est = kern.smem_bytes(kind, bm, bn, stages, kern.block_d(head_dim), 2 if dtype == "bf16" else 4, bg)
+    est = kern.smem_bytes(kind, bm, bn, stages, tf.block_d(head_dim), 2 if dtype == "bf16" else 4, bg)
     real = _compile_sm90(_WINDOW_KERNELS[kind], dtype, head_dim, bm, bn, warps, stages, bg).metadata.shared
     assert est >= real, f"estimate {est} B < compiled {real} B"
     assert (est <= kern.SMEM_LIMIT) == (real <= kern.SMEM_LIMIT), f"estimate {est} B, compiled {real} B"
@@ -277,7 +275,7 @@ def test_prune_always_leaves_a_config_that_fits(esize):
     for kind, rows in (("fwd", kern.FWD_CONFIGS), ("kv", kern.BWD_KV_CONFIGS), ("q", kern.BWD_Q_CONFIGS)):
         configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": b}, num_warps=w, num_stages=s) for m, b, w, s in rows]
         for head_dim in (16, 24, 40, 64, 96, 128, 200, 256):
-            bd = kern.block_d(head_dim)
+            bd = tf.block_d(head_dim)
             kept = kern._prune(configs, {"Q": q}, kind=kind, BLOCK_D=bd)
             assert kept, (kind, head_dim)
             for c in kept:
