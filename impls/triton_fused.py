@@ -169,8 +169,7 @@ def compile_ahead(
     fn = getattr(kern, name)
     types = dict(_ARG_TYPES, **{p: "*" + dtype for p in ("Q", "K", "V", "O", "DO", "DQ")})
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g,
-                  DOT_PREC="tf32x3" if dtype == "fp32" else "tf32", UPCAST=False,
-                  STATIC_LOOPS=False, S_K1=0, S_K2=0, S_KN=0, S_GN=0, S_QN=0)  # fmt: skip
+                  DOT_PREC="tf32x3" if dtype == "fp32" else "tf32")  # fmt: skip
     sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
     cx = {(fn.arg_names.index(a),): consts[a] for a in fn.arg_names if a in consts}
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
