@@ -37,10 +37,10 @@ Global tokens, without making the kernel dense:
   global rows walks all key blocks (O(G * n)). The window kernel computes and
   stores those rows too (they share blocks with ordinary rows); the global-rows
   kernel, launched after it on the same stream, overwrites them. Same for dQ.
-* backward: the dK/dV window kernel counts every query in a key's window, global or
-  not, then walks the global rows for the rest of theirs (every key gets their
-  contribution); a separate kernel adds, to each global key, the contribution of the
-  non-global rows that reach it outside their window.
+* backward: the dK/dV window kernel counts the non-global queries in a key's window,
+  then walks the global rows (every key gets their contribution); a separate kernel
+  adds, to each global key, the contribution of the non-global rows that reach it
+  outside their window.
 
 What the interpreter needs differently (loop bounds, reductions) is confined to the
 "interpreter shim" section below.
@@ -287,12 +287,15 @@ def _dkdv_body(accs, res, ptrs, spos, s_ok, ok, scale_log2,
 # handing each block to BODY; _walk_pattern strings them together for the window
 # kernels. The owned rows are queries, or keys when OWN_KEYS (dK/dV).
 @triton.jit
-def _walk_pattern(accs, res, ptrs, r, d, o0, m_r, lo, hi, GLOB, G, causal, scale_log2,
+def _walk_pattern(accs, res, ptrs, r, d, o0, m_r, lo, hi, GLOB, ROW_GLOBAL, G, causal, scale_log2,
                   BODY: tl.constexpr, OWN_KEYS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_S: tl.constexpr,
                   BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   DOT_PREC: tl.constexpr):  # fmt: skip
     # Every partner of the owned class indices o0 + a (a < BLOCK_O) of class r: the band,
-    # then the global tokens outside it (G = 0: no iteration).
+    # then the global tokens (G = 0: no iteration). A pair of the band with a global
+    # partner is counted once: owned queries skip, among the global keys, those in their
+    # window; owned keys skip global queries in the band (ROW_GLOBAL flags) and take
+    # every global query from the list, which costs fewer registers than the window test.
     # The band: query t meets key u iff lo <= u - t <= hi. Partner block j holds class
     # indices p0 + j*BLOCK_S + b, p0 = o0 + lo for owned queries, o0 - hi for owned keys;
     # either way owned row a meets partner b iff 0 <= j*BLOCK_S + b - a <= w_span = hi - lo,
@@ -307,41 +310,47 @@ def _walk_pattern(accs, res, ptrs, r, d, o0, m_r, lo, hi, GLOB, G, causal, scale
     starts = (0, j1, j2)
     ends = (j1, j2, jn)
     for stage in tl.static_range(3):  # leading edge, inside, trailing edge
-        accs = _walk_band(accs, res, ptrs, r, d, p0, m_r, w_span, scale_log2, starts[stage], ends[stage],
-                          BODY, stage != 1, BLOCK_O, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
-    opos, o_ok = _class_rows(r, d, o0, m_r, BLOCK_O)
-    return _walk_list(accs, res, ptrs, opos, o_ok, GLOB, None, G, 0, _cdiv_k(G, BLOCK_G), d, lo, hi, causal,
-                      scale_log2, BODY, OWN_KEYS, LISTED=True, OUTSIDE_WINDOW=True, SKIP_GLOBAL=False,
+        accs = _walk_band(accs, res, ptrs, ROW_GLOBAL, r, d, p0, m_r, w_span, scale_log2, starts[stage], ends[stage],
+                          BODY, stage != 1, OWN_KEYS, BLOCK_O, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
+    opos, _ = _class_rows(r, d, o0, m_r, BLOCK_O)
+    return _walk_list(accs, res, ptrs, opos, GLOB, None, G, 0, _cdiv_k(G, BLOCK_G), d, lo, hi, causal,
+                      scale_log2, BODY, OWN_KEYS, LISTED=True, OUTSIDE_WINDOW=not OWN_KEYS, SKIP_GLOBAL=False,
                       BLOCK_S=BLOCK_G, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
 
 
 @triton.jit
-def _walk_band(accs, res, ptrs, r, d, p0, m_r, w_span, scale_log2, j_start, j_end,
-               BODY: tl.constexpr, BAND: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_S: tl.constexpr,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    # Partner blocks j_start .. j_end - 1 of the band (see _walk_pattern); BAND: mask its edges
+def _walk_band(accs, res, ptrs, ROW_GLOBAL, r, d, p0, m_r, w_span, scale_log2, j_start, j_end,
+               BODY: tl.constexpr, BAND: tl.constexpr, SKIP_GLOBAL: tl.constexpr, BLOCK_O: tl.constexpr,
+               BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               DOT_PREC: tl.constexpr):  # fmt: skip
+    # Partner blocks j_start .. j_end - 1 of the band (see _walk_pattern); BAND: mask its
+    # edges; SKIP_GLOBAL: leave out global partners (ROW_GLOBAL flags)
     offs_o = tl.arange(0, BLOCK_O)
     offs_s = tl.arange(0, BLOCK_S)
     for j in range(_trip(j_start), _trip(j_end)):
         idx = p0 + j * BLOCK_S + offs_s  # (S,) partner class indices
         s_ok = (idx >= 0) & (idx < m_r)  # (S,): windows are truncated at the sequence ends
+        p_ok = s_ok  # (S,) which partners count
+        if SKIP_GLOBAL:
+            p_ok = s_ok & (tl.load(ROW_GLOBAL + r + d * idx, mask=s_ok, other=1) == 0)
         if BAND:
             rel = j * BLOCK_S + offs_s[None, :] - offs_o[:, None]  # (OWN, S): partner - owned - (p0 - o0)
-            ok = s_ok[None, :] & (rel >= 0) & (rel <= w_span)  # (OWN, S)
+            ok = p_ok[None, :] & (rel >= 0) & (rel <= w_span)  # (OWN, S)
         else:
-            ok = s_ok[None, :]  # (1, S)
+            ok = p_ok[None, :]  # (1, S)
         accs = BODY(accs, res, ptrs, r + d * idx, s_ok, ok, scale_log2, HEAD_DIM, BLOCK_D, DOT_PREC)
     return accs
 
 
 @triton.jit
-def _walk_list(accs, res, ptrs, opos, o_ok, GLOB, ROW_GLOBAL, count, j_start, j_end, d, lo, hi, causal, scale_log2,
+def _walk_list(accs, res, ptrs, opos, GLOB, ROW_GLOBAL, count, j_start, j_end, d, lo, hi, causal, scale_log2,
                BODY: tl.constexpr, OWN_KEYS: tl.constexpr, LISTED: tl.constexpr, OUTSIDE_WINDOW: tl.constexpr,
                SKIP_GLOBAL: tl.constexpr, BLOCK_S: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
     # Partner blocks j_start .. j_end - 1 of a list: the global tokens GLOB[0 .. count)
-    # when LISTED, else every position 0 .. count - 1. The owned rows are at opos (OWN,)
-    # (o_ok: which exist). A pair counts when both exist, key <= query if causal, and
+    # when LISTED, else every position 0 .. count - 1. The owned rows are at opos (OWN,);
+    # padding rows among them are computed and never stored. A pair counts when the
+    # partner exists, key <= query if causal, and
     #   OUTSIDE_WINDOW: the key is not in the query's window, i.e. not key - query = c*d
     #     with lo <= c <= hi (the window walk counted those);
     #   SKIP_GLOBAL: the partner is not a global row (ROW_GLOBAL flags; their pairs are
@@ -354,13 +363,14 @@ def _walk_list(accs, res, ptrs, opos, o_ok, GLOB, ROW_GLOBAL, count, j_start, j_
             spos = tl.load(GLOB + idx, mask=s_ok, other=0)  # (S,) partner positions
         else:
             spos = idx
+        p_ok = s_ok  # (S,) which partners count
         if SKIP_GLOBAL:
-            s_ok = s_ok & (tl.load(ROW_GLOBAL + spos, mask=s_ok, other=1) == 0)
+            p_ok = s_ok & (tl.load(ROW_GLOBAL + spos, mask=s_ok, other=1) == 0)
         if OWN_KEYS:
             diff = opos[:, None] - spos[None, :]  # (OWN, S): key - query
         else:
             diff = spos[None, :] - opos[:, None]  # (OWN, S): key - query
-        ok = o_ok[:, None] & s_ok[None, :] & ((diff <= 0) | (causal == 0))  # (OWN, S)
+        ok = p_ok[None, :] & ((diff <= 0) | (causal == 0))  # (OWN, S)
         if OUTSIDE_WINDOW:
             ok = ok & ~(((diff % d) == 0) & (diff >= lo * d) & (diff <= hi * d))
         accs = BODY(accs, res, ptrs, spos, s_ok, ok, scale_log2, HEAD_DIM, BLOCK_D, DOT_PREC)
@@ -411,7 +421,8 @@ def _fwd_window_kernel(
     q = _load_rows(Q + row0 * HEAD_DIM, pos, row_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
     kv = (K + row0 * HEAD_DIM, V + row0 * HEAD_DIM)
 
-    accs = _walk_pattern(_fwd_init(BLOCK_M, BLOCK_D), (q,), kv, r, d, t0, m_r, lo, hi, GLOB, G, causal, scale_log2,
+    accs = _fwd_init(BLOCK_M, BLOCK_D)
+    accs = _walk_pattern(accs, (q,), kv, r, d, t0, m_r, lo, hi, GLOB, None, G, causal, scale_log2,
                          _fwd_body, False, BLOCK_M, BLOCK_N, BLOCK_G, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
 
     # Global rows are stored too (wrong: window only) and overwritten by
@@ -433,7 +444,7 @@ def _fwd_global_rows_kernel(
     gpos, g_ok, row0 = _global_block(GLOB, G, n, BLOCK_G)  # (BLOCK_G,) row positions
     q = _load_rows(Q + row0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
     kv = (K + row0 * HEAD_DIM, V + row0 * HEAD_DIM)
-    accs = _walk_list(_fwd_init(BLOCK_G, BLOCK_D), (q,), kv, gpos, g_ok, GLOB, None, n, 0,
+    accs = _walk_list(_fwd_init(BLOCK_G, BLOCK_D), (q,), kv, gpos, GLOB, None, n, 0,
                       _key_blocks(gpos, g_ok, n, causal, BLOCK_N), 1, 0, 0, causal, scale_log2, _fwd_body,
                       OWN_KEYS=False, LISTED=False, OUTSIDE_WINDOW=False, SKIP_GLOBAL=False, BLOCK_S=BLOCK_N,
                       HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
@@ -459,13 +470,13 @@ def _bwd_delta_kernel(
     tl.store(DELTA + row0 + i, _sum(o * do, 1), mask=i < n)
 
 
-# dK, dV of one key block of one class, from every query whose window holds the key
-# (global or not) and every global query outside it (j <= g when causal):
+# dK, dV of one key block of one class, from (a) the non-global queries whose window
+# holds the key and (b) every global query (j <= g when causal):
 #   dV_j = sum_i P_ij dO_i,  dK_j = scale * sum_i dS_ij q_i.
 # grid: (d * ceil(ceil(n/d) / BLOCK_N), B * HG).
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_kv_window_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, GLOB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, ROW_GLOBAL, GLOB,
     scale, scale_log2, n, H, HG, d, lo, hi, G, causal, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -478,7 +489,7 @@ def _bwd_kv_window_kernel(
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
 
-    dk, dv = _walk_pattern((dk, dv), (k, v), rows, r, d, u0, m_r, lo, hi, GLOB, G, causal, scale_log2,
+    dk, dv = _walk_pattern((dk, dv), (k, v), rows, r, d, u0, m_r, lo, hi, GLOB, ROW_GLOBAL, G, causal, scale_log2,
                            _dkdv_body, True, BLOCK_N, BLOCK_M, BLOCK_G, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
 
     kpos, col_ok = _class_rows(r, d, u0, m_r, BLOCK_N)
@@ -511,7 +522,7 @@ def _bwd_kv_global_keys_kernel(
     # causal: queries before the block's first key never see it
     first = tl.where(causal != 0, _min(tl.where(g_ok, gpos, n), 0) // BLOCK_M, 0)
     rows = _query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM)
-    dk, dv = _walk_list((dk, dv), (k, v), rows, gpos, g_ok, GLOB, ROW_GLOBAL,
+    dk, dv = _walk_list((dk, dv), (k, v), rows, gpos, GLOB, ROW_GLOBAL,
                         n, first, _cdiv_k(n, BLOCK_M), d, lo, hi, causal, scale_log2, _dkdv_body,
                         OWN_KEYS=True, LISTED=False, OUTSIDE_WINDOW=True, SKIP_GLOBAL=True, BLOCK_S=BLOCK_M,
                         HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
@@ -537,7 +548,7 @@ def _bwd_q_window_kernel(
     kv = (K + row0 * HEAD_DIM, V + row0 * HEAD_DIM)
 
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    (dq,) = _walk_pattern((dq,), res, kv, r, d, t0, m_r, lo, hi, GLOB, G, causal, scale_log2,
+    (dq,) = _walk_pattern((dq,), res, kv, r, d, t0, m_r, lo, hi, GLOB, None, G, causal, scale_log2,
                           _dq_body, False, BLOCK_M, BLOCK_N, BLOCK_G, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
 
     # global rows: overwritten by _bwd_q_global_rows_kernel, launched after this one
@@ -556,7 +567,7 @@ def _bwd_q_global_rows_kernel(
     res = _query_rows(_query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM), gpos, g_ok, HEAD_DIM, BLOCK_D)
     kv = (K + row0 * HEAD_DIM, V + row0 * HEAD_DIM)
     dq = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
-    (dq,) = _walk_list((dq,), res, kv, gpos, g_ok, GLOB, None,
+    (dq,) = _walk_list((dq,), res, kv, gpos, GLOB, None,
                        n, 0, _key_blocks(gpos, g_ok, n, causal, BLOCK_N), 1, 0, 0, causal, scale_log2, _dq_body,
                        OWN_KEYS=False, LISTED=False, OUTSIDE_WINDOW=False, SKIP_GLOBAL=False, BLOCK_S=BLOCK_N,
                        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
@@ -867,7 +878,7 @@ def backward(
         tail = (scale, scale_log2, n, H, HG, d, lo_g, hi_g, G, int(causal), _next_pow2(n))
         cfg_kv = _window_launch(
             _bwd_kv_window_kernel, _bwd_kv_window_tuned,
-            (q, k, v, do, lse, delta, dk, dv, heads_t, g_t) + tail,
+            (q, k, v, do, lse, delta, dk, dv, heads_t, row_global, g_t) + tail,
             programs_over="BLOCK_N", fixed=_fixed(bd, esize, "kv"), **dot, **common,
         )  # fmt: skip
         cfg_q = _window_launch(
