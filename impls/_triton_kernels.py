@@ -8,7 +8,8 @@ for CPU tensors) and once without (compiled kernels, used for CUDA tensors).
 The algorithm is FlashAttention-2 with the pattern folded into the loops, laid out as
 Triton's fused-attention tutorial: kernels (prologue, inner loops, epilogue), the
 inner loops' block bodies (``_fwd_body``, ``_dq_body``, ``_dkdv_body``), and the
-walks that feed them (``_walk_window``, ``_walk_list``), each written once.
+walks that feed them (``_walk_band``, ``_walk_list``, strung together by
+``_walk_pattern``), each written once.
 
 Notation. q, k, v, o are ``(B, H, n, D)``, made contiguous by the caller. The scale
 is applied in base 2: ``s = q.k * scale * log2(e)``, so ``exp2(s - lse2)`` is the
