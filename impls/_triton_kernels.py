@@ -5,7 +5,11 @@ underscore). It is loaded twice when needed, as two module objects: once with
 ``TRITON_INTERPRET=1`` set (``@triton.jit`` then builds interpreted functions, used
 for CPU tensors) and once without (compiled kernels, used for CUDA tensors).
 
-The algorithm is FlashAttention-2 with the pattern folded into the loops.
+The algorithm is FlashAttention-2 with the pattern folded into the loops, laid out as
+Triton's fused-attention tutorial: kernels (prologue, inner loops, epilogue), the
+inner loops' block bodies (``_fwd_body``, ``_dq_body``, ``_dkdv_body``), and the
+walks that feed them (``_walk_band``, ``_walk_list``, strung together by
+``_walk_pattern``), each written once.
 
 Notation. q, k, v, o are ``(B, H, n, D)``, made contiguous by the caller. The scale
 is applied in base 2: ``s = q.k * scale * log2(e)``, so ``exp2(s - lse2)`` is the
@@ -21,30 +25,26 @@ separately (one launch per dilation group, the group's head indices in ``heads``
 
 Work is O(n * (w + G)): a query block of BLOCK_M rows meets keys
 ``[t0 + lo, t0 + BLOCK_M - 1 + hi]`` of its class, ``ceil((BLOCK_M + w) / BLOCK_N)``
-key blocks. That loop runs in three stages (as the fused-attention tutorial splits
-causal blocks into on- and off-band): blocks that straddle the band's edges get the
-band mask; the blocks in between lie wholly inside the band and need only the
-sequence-end mask.
+key blocks (a key block of dK/dV meets as many query blocks). That walk runs in three
+stages (as the fused-attention tutorial splits causal blocks into on- and off-band):
+blocks that straddle the band's edges get the band mask; the blocks in between lie
+wholly inside the band and need only the sequence-end mask.
 
 Global tokens, without making the kernel dense:
-* non-global rows: after the window, one more loop over the G global keys (gathered
+* non-global rows: after the window, one more walk over the G global keys (gathered
   by index); a global key that is already in the row's window is masked there, so
   nothing is counted twice; causal masks ``g > p``.
 * global rows attend to every key: a separate kernel with one program per block of
-  global rows loops over all key blocks (O(G * n)). The window kernel computes and
+  global rows walks all key blocks (O(G * n)). The window kernel computes and
   stores those rows too (they share blocks with ordinary rows); the global-rows
   kernel, launched after it on the same stream, overwrites them. Same for dQ.
-* backward: the dK/dV window kernel also loops over the global rows (every key gets
-  their contribution), and a separate kernel adds, to each global key, the
-  contribution of the non-global rows that reach it outside their window.
+* backward: the dK/dV window kernel counts the non-global queries in a key's window,
+  then walks the global rows (every key gets their contribution); a separate kernel
+  adds, to each global key, the contribution of the non-global rows that reach it
+  outside their window.
 
-Loop bounds and Triton's interpreter. The interpreter turns every runtime scalar into
-a 1-element numpy array, and ``range()`` over one calls ``int()`` on it, which numpy
-2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"). So every
-loop bound here is ``STATIC if STATIC_LOOPS else runtime``: the interpreted launch
-passes the trip counts as constexprs (plain Python ints; a conditional expression
-over a constexpr is resolved statically in the compiled kernel too), and the compiled
-launch keeps runtime bounds so that one binary serves every window, n and G.
+What the interpreter needs differently (loop bounds, reductions) is confined to the
+"interpreter shim" section below.
 """
 
 from __future__ import annotations
@@ -56,15 +56,12 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_fused import AUTOTUNE_MIN_SEQ, INTERPRETER_BLOCK, block_d
+
 #: this copy was imported with TRITON_INTERPRET set (its kernels run on the CPU in numpy)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on", "y")
 
 LOG2E = 1.4426950408889634
-
-#: block sizes in the interpreter. Each interpreted op costs tens of microseconds of
-#: Python whatever its size, so fewer, larger blocks run faster; 32 still gives several
-#: blocks per class at test sizes (n ~ 100)
-INTERP_BLOCK = 32
 
 #: scalar kernel arguments that vary per call; not specialised, so one binary serves all.
 #: n_tune (the window kernels' last) is n rounded up to a power of two: unused by the
@@ -72,8 +69,30 @@ INTERP_BLOCK = 32
 _NO_SPEC = ["n", "H", "HG", "d", "lo", "hi", "G", "causal", "n_tune"]
 
 
-# ---------------------------------------------------------------------------- helpers
-# Reductions and cdiv through builtins only. tl.sum, tl.max and tl.cdiv are themselves
+# ---------------------------------------------------------------------------- interpreter shim
+# The compiled and the interpreted copy of this module differ here and nowhere else;
+# the kernels below are written once for both.
+#
+# Loop bounds: every loop runs over range(_trip(start), _trip(end)). The interpreter
+# holds each runtime scalar as a 1-element numpy array, and range() over one calls
+# int() on it, which numpy 2.4 refuses unless Triton squeezes it first (older releases
+# do not: "only 0-dimensional arrays can be converted to Python scalars"). The
+# interpreted _trip is plain Python (interpreted kernels call it like any function)
+# and returns a Python int; the compiled one returns the runtime value, so that one
+# binary serves every window, n and G.
+if INTERPRETED:
+
+    def _trip(x):
+        return int(x.handle.data.reshape(-1)[0]) if isinstance(x, tl.tensor) else x
+
+else:
+
+    @triton.jit
+    def _trip(x):
+        return x
+
+
+# Builtins only: tl.sum, tl.max, tl.cdiv, tl.zeros (tl.full serves) are themselves
 # @triton.jit functions of triton.language, compiled or interpreted depending on how
 # *triton* was first imported, which need not match this copy: an interpreted kernel
 # cannot call a compiled one ("Cannot call @triton.jit'd outside of the scope of a
@@ -100,77 +119,292 @@ else:
 
 
 @triton.jit
+def _sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _SUM_COMBINE)
+
+
+@triton.jit
+def _max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _MAX_COMBINE)
+
+
+@triton.jit
+def _min(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _MIN_COMBINE)
+
+
+@triton.jit
 def _cdiv_k(a, b):
     return (a + b - 1) // b
 
 
+def _kernel_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors as the kernels read them (host side). The interpreter cannot
+    multiply bf16 (numpy holds it as uint16), so there bf16 inputs are read as fp32:
+    a bf16 x bf16 product is exact in fp32, so this matches the compiled kernel up to
+    the rounding of P and dS to bf16 and the summation order. Outputs keep the
+    caller's dtype."""
+    if INTERPRETED and tensors[0].dtype == torch.bfloat16:
+        return tuple(t.float() for t in tensors)
+    return tensors
+
+
+# ---------------------------------------------------------------------------- tiles
 @triton.jit
-def _softmax_update(acc, l_i, m_i, s, v, DOT_PREC: tl.constexpr):
+def _load_rows(base, pos, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # rows pos (R,) of a (n, HEAD_DIM) matrix as an (R, BLOCK_D) tile; zeros where not
+    # ok and in the columns that pad head_dim up to a power of two
+    offs_e = tl.arange(0, BLOCK_D)
+    mask = ok[:, None] & (offs_e < HEAD_DIM)[None, :]  # (R, BLOCK_D)
+    return tl.load(base + pos[:, None] * HEAD_DIM + offs_e[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_rows(base, pos, ok, x, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # x (R, BLOCK_D) into rows pos (R,) of a (n, HEAD_DIM) matrix, in the matrix's dtype
+    offs_e = tl.arange(0, BLOCK_D)
+    mask = ok[:, None] & (offs_e < HEAD_DIM)[None, :]  # (R, BLOCK_D)
+    tl.store(base + pos[:, None] * HEAD_DIM + offs_e[None, :], x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM: tl.constexpr):
+    # (Q, DO, LSE, DELTA) of the (batch, head) whose rows start at row0
+    return Q + row0 * HEAD_DIM, DO + row0 * HEAD_DIM, LSE + row0, DELTA + row0
+
+
+@triton.jit
+def _query_rows(ptrs, pos, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # what the backward reads of query rows pos (R,): q, dO (R, BLOCK_D) and lse2,
+    # delta (R,) fp32, from ptrs = (Q, DO, LSE, DELTA) of one (batch, head)
+    Q, DO, LSE, DELTA = ptrs
+    q = _load_rows(Q, pos, ok, HEAD_DIM, BLOCK_D)  # (R, BLOCK_D)
+    do = _load_rows(DO, pos, ok, HEAD_DIM, BLOCK_D)  # (R, BLOCK_D)
+    return q, do, tl.load(LSE + pos, mask=ok, other=0.0), tl.load(DELTA + pos, mask=ok, other=0.0)
+
+
+@triton.jit
+def _class_block(HEADS, n, H, HG, d, BLOCK: tl.constexpr):
+    # Window kernels, grid (d * ceil(ceil(n/d) / BLOCK), B * HG). Program (pid, pid_bh)
+    # owns class indices o0 .. o0 + BLOCK - 1 of residue class r (m_r tokens) of head
+    # HEADS[pid_bh % HG] of batch pid_bh // HG, whose rows start at row0 (int64) of the
+    # (B * H * n)-row tensors.
+    pid = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    nb = _cdiv_k(_cdiv_k(n, d), BLOCK)  # blocks per class (the longest class)
+    r = pid // nb
+    h = tl.load(HEADS + pid_bh % HG)
+    row0 = ((pid_bh // HG) * H + h).to(tl.int64) * n
+    return r, (pid % nb) * BLOCK, (n - r + d - 1) // d, row0
+
+
+@triton.jit
+def _class_rows(r, d, o0, m_r, BLOCK: tl.constexpr):
+    # positions (BLOCK,) of class indices o0 .. o0 + BLOCK - 1 of class r, and which exist.
+    # Called again after each walk rather than held through it: live across the loops,
+    # row quantities cost registers the tiles need (ptxas spills otherwise).
+    t = o0 + tl.arange(0, BLOCK)
+    return r + d * t, t < m_r
+
+
+@triton.jit
+def _global_block(GLOB, G, n, BLOCK_G: tl.constexpr):
+    # Global-token kernels, grid (ceil(G / BLOCK_G), B * H): the positions (BLOCK_G,) of
+    # the program's block of global tokens, which exist, and the first row (int64) of
+    # its (batch, head)
+    gi = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = gi < G
+    return tl.load(GLOB + gi, mask=g_ok, other=0), g_ok, tl.program_id(1).to(tl.int64) * n
+
+
+# ---------------------------------------------------------------------------- block bodies
+# One step of an inner loop: the program's resident tiles `res` (of the rows it owns)
+# meet one block of partners (keys for the forward and dQ, queries for dK/dV) read
+# through `ptrs`, and update the accumulators `accs`. All three share one signature,
+# so that a walk takes any of them:
+#   spos (S,) the partners' positions, s_ok (S,) which exist (the loads' mask),
+#   ok (OWN, S) or (1, S) which (owned, partner) pairs count.
+# Tiles are (owned, partner): key-major in dK/dV, as in the tutorial, so that the
+# dK, dV rows stay put.
+@triton.jit
+def _fwd_body(accs, res, ptrs, spos, s_ok, ok, scale_log2,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
     # Online softmax (FlashAttention-2), one key block:
-    #   m' = max(m, rowmax(s));  alpha = 2^(m - m');  P = 2^(s - m')
-    #   l' = alpha * l + rowsum(P);  acc' = alpha * acc + P V
-    # s (BLOCK_M, BLOCK_N) log2-scaled scores, -inf where masked; v (BLOCK_N, BLOCK_D).
+    #   s = q k^T * scale * log2(e);  m' = max(m, rowmax(s));  alpha = 2^(m - m')
+    #   P = 2^(s - m');  l' = alpha * l + rowsum(P);  acc' = alpha * acc + P v
     # m starts finite (-1e30), so a fully masked block gives alpha = 1, P = 0 (no NaN).
-    m_new = tl.maximum(m_i, tl.reduce(s, 1, _MAX_COMBINE))  # (BLOCK_M,)
-    alpha = tl.math.exp2(m_i - m_new)  # (BLOCK_M,)
-    p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
-    l_i = l_i * alpha + tl.reduce(p, 1, _SUM_COMBINE)  # (BLOCK_M,)
-    acc = acc * alpha[:, None]  # (BLOCK_M, BLOCK_D), fp32
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_D)
+    acc, l_i, m_i = accs  # (M, BLOCK_D) fp32, (M,), (M,)
+    (q,) = res  # (M, BLOCK_D)
+    K, V = ptrs
+    k = _load_rows(K, spos, s_ok, HEAD_DIM, BLOCK_D)  # (S, BLOCK_D)
+    v = _load_rows(V, spos, s_ok, HEAD_DIM, BLOCK_D)  # (S, BLOCK_D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # (M, S)
+    s = tl.where(ok, s, float("-inf"))
+    m_new = tl.maximum(m_i, _max(s, 1))  # (M,)
+    alpha = tl.math.exp2(m_i - m_new)  # (M,)
+    p = tl.math.exp2(s - m_new[:, None])  # (M, S)
+    l_i = l_i * alpha + _sum(p, 1)  # (M,)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)  # (M, BLOCK_D)
     return acc, l_i, m_new
 
 
 @triton.jit
-def _fwd_window_blocks(
-    acc, l_i, m_i, q, Kb, Vb, r, d, t0, m_r, lo, w_span, scale_log2, kb_start, kb_end,
-    BAND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
-    # Key blocks kb_start..kb_end-1 of the band of query rows t0..t0+BLOCK_M-1 (class r).
-    # Key block kb holds class indices u = t0 + lo + kb*BLOCK_N + b; query row a sees key
-    # column b iff lo <= u - t <= hi, i.e. 0 <= kb*BLOCK_N + b - a <= w_span (= hi - lo).
-    offs_a = tl.arange(0, BLOCK_M)
-    offs_b = tl.arange(0, BLOCK_N)
-    offs_e = tl.arange(0, BLOCK_D)
-    e_ok = offs_e < HEAD_DIM  # (BLOCK_D,): zero-pads head_dim up to a power of two
-    for kb in range(kb_start, kb_end):
-        u = t0 + lo + kb * BLOCK_N + offs_b  # (BLOCK_N,) key index inside class r
-        col_ok = (u >= 0) & (u < m_r)  # (BLOCK_N,): windows are truncated at the edges
-        kv_off = (r + d * u)[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_N, BLOCK_D)
-        kv_ok = col_ok[:, None] & e_ok[None, :]
-        k = tl.load(Kb + kv_off, mask=kv_ok, other=0.0).to(q.dtype)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(Vb + kv_off, mask=kv_ok, other=0.0).to(q.dtype)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # (BLOCK_M, BLOCK_N)
-        if BAND:
-            rel = kb * BLOCK_N + offs_b[None, :] - offs_a[:, None]  # (BLOCK_M, BLOCK_N) = u - t - lo
-            ok = col_ok[None, :] & (rel >= 0) & (rel <= w_span)
-        else:  # block wholly inside the band: only the sequence ends matter
-            ok = col_ok[None, :]
-        s = tl.where(ok, s, float("-inf"))
-        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, DOT_PREC)
-    return acc, l_i, m_i
+def _dq_body(accs, res, ptrs, spos, s_ok, ok, scale_log2,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    # One key block of dQ (scale applied at the store), P recomputed from the saved LSE:
+    #   P = 2^(s - lse2);  dP = dO v^T;  dS = P * (dP - delta);  dQ += dS k
+    (dq,) = accs  # (M, BLOCK_D) fp32
+    q, do, lse, delta = res  # (M, BLOCK_D), (M, BLOCK_D), (M,), (M,)
+    K, V = ptrs
+    k = _load_rows(K, spos, s_ok, HEAD_DIM, BLOCK_D)  # (S, BLOCK_D)
+    v = _load_rows(V, spos, s_ok, HEAD_DIM, BLOCK_D)  # (S, BLOCK_D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # (M, S)
+    p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # (M, S)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (M, S)
+    ds = p * (dp - delta[:, None])  # (M, S)
+    return (tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC),)  # (M, BLOCK_D)
 
 
 @triton.jit
-def _window_stages(w_span, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
-    # A block of BLOCK_A rows meets ceil((BLOCK_A + w_span) / BLOCK_B) blocks of BLOCK_B
-    # columns of its band (w_span = hi - lo = w). Block j lies wholly inside the band iff
-    # j*BLOCK_B >= BLOCK_A - 1 and (j+1)*BLOCK_B <= w_span + 1: blocks [k1, k2).
-    n_blocks = _cdiv_k(BLOCK_A + w_span, BLOCK_B)
-    k1 = tl.minimum((BLOCK_A - 1 + BLOCK_B - 1) // BLOCK_B, n_blocks)
-    k2 = tl.maximum(k1, (w_span + 1) // BLOCK_B)
-    return k1, k2, n_blocks
+def _dkdv_body(accs, res, ptrs, spos, s_ok, ok, scale_log2,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    # One query block of dK, dV (scale applied at the store), transposed:
+    #   P^T = 2^(k q^T - lse2);  dV += P^T dO;  dP^T = v dO^T;  dS^T = P^T * (dP^T - delta)
+    #   dK += dS^T q
+    dk, dv = accs  # (N, BLOCK_D) fp32 each
+    k, v = res  # (N, BLOCK_D)
+    q, do, lse, delta = _query_rows(ptrs, spos, s_ok, HEAD_DIM, BLOCK_D)  # (S, BLOCK_D) x2, (S,) x2
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # (N, S)
+    p_t = tl.where(ok, tl.math.exp2(s_t - lse[None, :]), 0.0)  # (N, S)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)  # (N, BLOCK_D)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (N, S)
+    ds_t = p_t * (dp_t - delta[None, :])  # (N, S)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)  # (N, BLOCK_D)
+    return dk, dv
 
 
-def static_stages(w_span: int, block_a: int, block_b: int) -> tuple[int, int, int]:
-    """Host twin of :func:`_window_stages` (the interpreter's constexpr trip counts)."""
-    n_blocks = -(-(block_a + w_span) // block_b)
-    k1 = min(-(-(block_a - 1) // block_b), n_blocks)
-    k2 = max(k1, (w_span + 1) // block_b)
-    return k1, k2, n_blocks
+# ---------------------------------------------------------------------------- walks
+# Every inner loop is one of two walks over partner blocks, _walk_band and _walk_list,
+# handing each block to BODY; _walk_pattern strings them together for the window
+# kernels. The owned rows are queries, or keys when OWN_KEYS (dK/dV).
+@triton.jit
+def _walk_pattern(accs, res, ptrs, r, d, o0, m_r, lo, hi, GLOB, ROW_GLOBAL, G, causal, scale_log2,
+                  BODY: tl.constexpr, OWN_KEYS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_S: tl.constexpr,
+                  BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DOT_PREC: tl.constexpr):  # fmt: skip
+    # Every partner of the owned class indices o0 + a (a < BLOCK_O) of class r: the band,
+    # then the global tokens (G = 0: no iteration). A pair of the band with a global
+    # partner is counted once: owned queries skip, among the global keys, those in their
+    # window; owned keys skip global queries in the band (ROW_GLOBAL flags) and take
+    # every global query from the list, which costs fewer registers than the window test.
+    # The band: query t meets key u iff lo <= u - t <= hi. Partner block j holds class
+    # indices p0 + j*BLOCK_S + b, p0 = o0 + lo for owned queries, o0 - hi for owned keys;
+    # either way owned row a meets partner b iff 0 <= j*BLOCK_S + b - a <= w_span = hi - lo,
+    # for j < jn. Blocks [j1, j2) lie wholly inside the band (j*BLOCK_S >= BLOCK_O - 1 and
+    # (j+1)*BLOCK_S <= w_span + 1) and need only the sequence-end mask; [0, j1) and
+    # [j2, jn) straddle its edges and get the band mask.
+    w_span = hi - lo
+    p0 = o0 - hi if OWN_KEYS else o0 + lo
+    jn = _cdiv_k(BLOCK_O + w_span, BLOCK_S)
+    j1 = tl.minimum((BLOCK_O + BLOCK_S - 2) // BLOCK_S, jn)
+    j2 = tl.maximum(j1, (w_span + 1) // BLOCK_S)
+    starts = (0, j1, j2)
+    ends = (j1, j2, jn)
+    for stage in tl.static_range(3):  # leading edge, inside, trailing edge
+        accs = _walk_band(accs, res, ptrs, ROW_GLOBAL, r, d, p0, m_r, w_span, scale_log2, starts[stage], ends[stage],
+                          BODY, stage != 1, OWN_KEYS, BLOCK_O, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
+    opos, _ = _class_rows(r, d, o0, m_r, BLOCK_O)
+    return _walk_list(accs, res, ptrs, opos, GLOB, None, G, 0, _cdiv_k(G, BLOCK_G), d, lo, hi, causal,
+                      scale_log2, BODY, OWN_KEYS, LISTED=True, OUTSIDE_WINDOW=not OWN_KEYS, SKIP_GLOBAL=False,
+                      BLOCK_S=BLOCK_G, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
+
+
+@triton.jit
+def _walk_band(accs, res, ptrs, ROW_GLOBAL, r, d, p0, m_r, w_span, scale_log2, j_start, j_end,
+               BODY: tl.constexpr, BAND: tl.constexpr, SKIP_GLOBAL: tl.constexpr, BLOCK_O: tl.constexpr,
+               BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               DOT_PREC: tl.constexpr):  # fmt: skip
+    # Partner blocks j_start .. j_end - 1 of the band (see _walk_pattern); BAND: mask its
+    # edges; SKIP_GLOBAL: leave out global partners (ROW_GLOBAL flags)
+    offs_o = tl.arange(0, BLOCK_O)
+    offs_s = tl.arange(0, BLOCK_S)
+    for j in range(_trip(j_start), _trip(j_end)):
+        idx = p0 + j * BLOCK_S + offs_s  # (S,) partner class indices
+        s_ok = (idx >= 0) & (idx < m_r)  # (S,): windows are truncated at the sequence ends
+        p_ok = s_ok  # (S,) which partners count
+        if SKIP_GLOBAL:
+            p_ok = s_ok & (tl.load(ROW_GLOBAL + r + d * idx, mask=s_ok, other=1) == 0)
+        if BAND:
+            rel = j * BLOCK_S + offs_s[None, :] - offs_o[:, None]  # (OWN, S): partner - owned - (p0 - o0)
+            ok = p_ok[None, :] & (rel >= 0) & (rel <= w_span)  # (OWN, S)
+        else:
+            ok = p_ok[None, :]  # (1, S)
+        accs = BODY(accs, res, ptrs, r + d * idx, s_ok, ok, scale_log2, HEAD_DIM, BLOCK_D, DOT_PREC)
+    return accs
+
+
+@triton.jit
+def _walk_list(accs, res, ptrs, opos, GLOB, ROW_GLOBAL, count, j_start, j_end, d, lo, hi, causal, scale_log2,
+               BODY: tl.constexpr, OWN_KEYS: tl.constexpr, LISTED: tl.constexpr, OUTSIDE_WINDOW: tl.constexpr,
+               SKIP_GLOBAL: tl.constexpr, BLOCK_S: tl.constexpr,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+    # Partner blocks j_start .. j_end - 1 of a list: the global tokens GLOB[0 .. count)
+    # when LISTED, else every position 0 .. count - 1. The owned rows are at opos (OWN,);
+    # padding rows among them are computed and never stored. A pair counts when the
+    # partner exists, key <= query if causal, and
+    #   OUTSIDE_WINDOW: the key is not in the query's window, i.e. not key - query = c*d
+    #     with lo <= c <= hi (the window walk counted those);
+    #   SKIP_GLOBAL: the partner is not a global row (ROW_GLOBAL flags; their pairs are
+    #     counted elsewhere).
+    offs_s = tl.arange(0, BLOCK_S)
+    for j in range(_trip(j_start), _trip(j_end)):
+        idx = j * BLOCK_S + offs_s  # (S,)
+        s_ok = idx < count  # (S,)
+        if LISTED:
+            spos = tl.load(GLOB + idx, mask=s_ok, other=0)  # (S,) partner positions
+        else:
+            spos = idx
+        p_ok = s_ok  # (S,) which partners count
+        if SKIP_GLOBAL:
+            p_ok = s_ok & (tl.load(ROW_GLOBAL + spos, mask=s_ok, other=1) == 0)
+        if OWN_KEYS:
+            diff = opos[:, None] - spos[None, :]  # (OWN, S): key - query
+        else:
+            diff = spos[None, :] - opos[:, None]  # (OWN, S): key - query
+        ok = p_ok[None, :] & ((diff <= 0) | (causal == 0))  # (OWN, S)
+        if OUTSIDE_WINDOW:
+            ok = ok & ~(((diff % d) == 0) & (diff >= lo * d) & (diff <= hi * d))
+        accs = BODY(accs, res, ptrs, spos, s_ok, ok, scale_log2, HEAD_DIM, BLOCK_D, DOT_PREC)
+    return accs
+
+
+@triton.jit
+def _key_blocks(gpos, g_ok, n, causal, BLOCK_N: tl.constexpr):
+    # key blocks global rows gpos (G,) read: all, or when causal up to their last row's
+    return _cdiv_k(tl.where(causal != 0, _max(tl.where(g_ok, gpos, 0), 0) + 1, n), BLOCK_N)
 
 
 # ---------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_store(accs, Ob, LSEb, pos, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # O = acc / l, LSE2 = m + log2(l) of rows pos (R,); every real row has its own key,
+    # so l >= 1 there
+    acc, l_i, m_i = accs  # (R, BLOCK_D), (R,), (R,)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)  # (R,): padding rows only
+    _store_rows(Ob, pos, ok, acc / l_safe[:, None], HEAD_DIM, BLOCK_D)
+    tl.store(LSEb + pos, m_i + tl.math.log2(l_safe), mask=ok)
+
+
+@triton.jit
+def _fwd_init(R: tl.constexpr, BLOCK_D: tl.constexpr):
+    # (acc, l, m): running sum of P V, running sum of 2^(s - m), running max (log2 units)
+    return (
+        tl.full([R, BLOCK_D], 0.0, tl.float32),  # (R, BLOCK_D)
+        tl.full([R], 0.0, tl.float32),  # (R,)
+        tl.full([R], -1.0e30, tl.float32),  # (R,)
+    )
+
+
 # Non-global rows of one dilation group. For query p = r + d*t:
 #   O_p = sum_j softmax_j(s_pj) v_j over j in {r + d*u : lo <= u - t <= hi, 0 <= u < m_r}
 #         and over the global keys outside that set (g <= p when causal),
@@ -181,84 +415,22 @@ def _fwd_window_kernel(
     Q, K, V, O, LSE, HEADS, GLOB,
     scale_log2, n, H, HG, d, lo, hi, G, causal, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, STATIC_LOOPS: tl.constexpr,
-    S_K1: tl.constexpr, S_K2: tl.constexpr, S_KN: tl.constexpr, S_GN: tl.constexpr,
+    BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    CDT = tl.float32 if UPCAST else Q.dtype.element_ty  # tile dtype of the dot operands
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HG
-    h = tl.load(HEADS + pid_bh % HG)  # head index of this group's pid_bh % HG-th head
-    nb = _cdiv_k(_cdiv_k(n, d), BLOCK_M)  # row blocks per class (the longest class)
-    r = pid // nb  # residue class
-    t0 = (pid % nb) * BLOCK_M  # first row (class index) of the block
-    m_r = (n - r + d - 1) // d  # tokens in class r
-    bh = (b * H + h).to(tl.int64)
-    Qb = Q + bh * n * HEAD_DIM
-    Kb = K + bh * n * HEAD_DIM
-    Vb = V + bh * n * HEAD_DIM
+    r, t0, m_r, row0 = _class_block(HEADS, n, H, HG, d, BLOCK_M)
+    pos, row_ok = _class_rows(r, d, t0, m_r, BLOCK_M)  # (BLOCK_M,)
+    q = _load_rows(Q + row0 * HEAD_DIM, pos, row_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
+    kv = (K + row0 * HEAD_DIM, V + row0 * HEAD_DIM)
 
-    # Row quantities are recomputed where needed rather than kept live across the loops:
-    # held through them they cost registers the tiles need (ptxas spills otherwise).
-    offs_e = tl.arange(0, BLOCK_D)
-    e_ok = offs_e < HEAD_DIM
-    t = t0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,) class index of each row
-    pos = r + d * t  # (BLOCK_M,) token position
-    q_ok = (t < m_r)[:, None] & e_ok[None, :]
-    q = tl.load(Qb + pos[:, None] * HEAD_DIM + offs_e[None, :], mask=q_ok, other=0.0).to(CDT)  # (BLOCK_M, BLOCK_D)
+    accs = _fwd_init(BLOCK_M, BLOCK_D)
+    accs = _walk_pattern(accs, (q,), kv, r, d, t0, m_r, lo, hi, GLOB, None, G, causal, scale_log2,
+                         _fwd_body, False, BLOCK_M, BLOCK_N, BLOCK_G, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
 
-    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)  # running max (log2 units)
-    l_i = tl.full([BLOCK_M], 0.0, tl.float32)  # running sum of 2^(s - m)
-    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)  # running sum of P V
-
-    # window: leading edge blocks (band mask), inner blocks (no band mask), trailing edge
-    w_span = hi - lo
-    k1, k2, kn = _window_stages(w_span, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_window_blocks(
-        acc, l_i, m_i, q, Kb, Vb, r, d, t0, m_r, lo, w_span, scale_log2,
-        0, S_K1 if STATIC_LOOPS else k1, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_window_blocks(
-        acc, l_i, m_i, q, Kb, Vb, r, d, t0, m_r, lo, w_span, scale_log2,
-        S_K1 if STATIC_LOOPS else k1, S_K2 if STATIC_LOOPS else k2, False,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC,
-    )  # fmt: skip
-    acc, l_i, m_i = _fwd_window_blocks(
-        acc, l_i, m_i, q, Kb, Vb, r, d, t0, m_r, lo, w_span, scale_log2,
-        S_K2 if STATIC_LOOPS else k2, S_KN if STATIC_LOOPS else kn, True,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC,
-    )  # fmt: skip
-
-    # global keys outside the window (G = 0: no iteration)
-    offs_g = tl.arange(0, BLOCK_G)
-    for gb in range(S_GN if STATIC_LOOPS else _cdiv_k(G, BLOCK_G)):
-        gi = gb * BLOCK_G + offs_g  # (BLOCK_G,)
-        g_ok = gi < G
-        gpos = tl.load(GLOB + gi, mask=g_ok, other=0)  # (BLOCK_G,) key positions
-        kv_off = gpos[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_G, BLOCK_D)
-        kv_ok = g_ok[:, None] & e_ok[None, :]
-        k = tl.load(Kb + kv_off, mask=kv_ok, other=0.0).to(CDT)  # (BLOCK_G, BLOCK_D)
-        v = tl.load(Vb + kv_off, mask=kv_ok, other=0.0).to(CDT)  # (BLOCK_G, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # (BLOCK_M, BLOCK_G)
-        pos = r + d * (t0 + tl.arange(0, BLOCK_M))  # (BLOCK_M,)
-        diff = gpos[None, :] - pos[:, None]  # (BLOCK_M, BLOCK_G)
-        in_win = ((diff % d) == 0) & (diff >= lo * d) & (diff <= hi * d)  # counted in the window loop
-        ok = g_ok[None, :] & ~in_win & ((diff <= 0) | (causal == 0))
-        s = tl.where(ok, s, float("-inf"))
-        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, DOT_PREC)
-
-    # O = acc / l, LSE2 = m + log2(l); every real row has its own key, so l >= 1 there
-    l_safe = tl.where(l_i > 0, l_i, 1.0)  # (BLOCK_M,): padding rows only
-    out = acc / l_safe[:, None]  # (BLOCK_M, BLOCK_D)
-    t = t0 + tl.arange(0, BLOCK_M)
-    row_ok = t < m_r
-    pos = r + d * t  # (BLOCK_M,)
     # Global rows are stored too (wrong: window only) and overwritten by
     # _fwd_global_rows_kernel, launched after this one on the same stream. Masking them
     # here would need their flags in the epilogue, which costs the loop registers.
-    o_ptrs = O + bh * n * HEAD_DIM + pos[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_M, BLOCK_D)
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & e_ok[None, :])
-    tl.store(LSE + bh * n + pos, m_i + tl.math.log2(l_safe), mask=row_ok)
+    pos, row_ok = _class_rows(r, d, t0, m_r, BLOCK_M)
+    _fwd_store(accs, O + row0 * HEAD_DIM, LSE + row0, pos, row_ok, HEAD_DIM, BLOCK_D)
 
 
 # Global rows: every key (j <= g when causal), dense over n for these G rows only.
@@ -268,44 +440,16 @@ def _fwd_window_kernel(
 def _fwd_global_rows_kernel(
     Q, K, V, O, LSE, GLOB, scale_log2, n, G, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, STATIC_LOOPS: tl.constexpr, S_KN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    CDT = tl.float32 if UPCAST else Q.dtype.element_ty  # tile dtype of the dot operands
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    Qb = Q + bh * n * HEAD_DIM
-    Kb = K + bh * n * HEAD_DIM
-    Vb = V + bh * n * HEAD_DIM
-    offs_e = tl.arange(0, BLOCK_D)
-    e_ok = offs_e < HEAD_DIM
-    offs_b = tl.arange(0, BLOCK_N)
-    gi = pid * BLOCK_G + tl.arange(0, BLOCK_G)
-    g_ok = gi < G
-    gpos = tl.load(GLOB + gi, mask=g_ok, other=0)  # (BLOCK_G,) row positions
-    io_off = gpos[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_G, BLOCK_D)
-    io_ok = g_ok[:, None] & e_ok[None, :]
-    q = tl.load(Qb + io_off, mask=io_ok, other=0.0).to(CDT)  # (BLOCK_G, BLOCK_D)
-
-    m_i = tl.full([BLOCK_G], -1.0e30, tl.float32)
-    l_i = tl.full([BLOCK_G], 0.0, tl.float32)
-    acc = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
-    # causal: keys past the block's last row are never needed
-    key_end = tl.where(causal != 0, tl.reduce(tl.where(g_ok, gpos, 0), 0, _MAX_COMBINE) + 1, n)
-    for kb in range(S_KN if STATIC_LOOPS else _cdiv_k(key_end, BLOCK_N)):
-        j = kb * BLOCK_N + offs_b  # (BLOCK_N,) key positions
-        j_ok = j < n
-        kv_off = j[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_N, BLOCK_D)
-        kv_ok = j_ok[:, None] & e_ok[None, :]
-        k = tl.load(Kb + kv_off, mask=kv_ok, other=0.0).to(CDT)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(Vb + kv_off, mask=kv_ok, other=0.0).to(CDT)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # (BLOCK_G, BLOCK_N)
-        ok = j_ok[None, :] & ((j[None, :] <= gpos[:, None]) | (causal == 0))
-        s = tl.where(ok, s, float("-inf"))
-        acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, DOT_PREC)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]  # (BLOCK_G, BLOCK_D)
-    tl.store(O + bh * n * HEAD_DIM + io_off, out.to(O.dtype.element_ty), mask=io_ok)
-    tl.store(LSE + bh * n + gpos, m_i + tl.math.log2(l_safe), mask=g_ok)
+    gpos, g_ok, row0 = _global_block(GLOB, G, n, BLOCK_G)  # (BLOCK_G,) row positions
+    q = _load_rows(Q + row0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
+    kv = (K + row0 * HEAD_DIM, V + row0 * HEAD_DIM)
+    accs = _walk_list(_fwd_init(BLOCK_G, BLOCK_D), (q,), kv, gpos, GLOB, None, n, 0,
+                      _key_blocks(gpos, g_ok, n, causal, BLOCK_N), 1, 0, 0, causal, scale_log2, _fwd_body,
+                      OWN_KEYS=False, LISTED=False, OUTSIDE_WINDOW=False, SKIP_GLOBAL=False, BLOCK_S=BLOCK_N,
+                      HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
+    _fwd_store(accs, O + row0 * HEAD_DIM, LSE + row0, gpos, g_ok, HEAD_DIM, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------- backward
@@ -320,54 +464,11 @@ def _fwd_global_rows_kernel(
 def _bwd_delta_kernel(
     O, DO, DELTA, n, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr
 ):  # fmt: skip
-    bh = tl.program_id(1).to(tl.int64)
-    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    offs_e = tl.arange(0, BLOCK_D)
-    off = i[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_M, BLOCK_D)
-    ok = (i < n)[:, None] & (offs_e < HEAD_DIM)[None, :]
-    o = tl.load(O + bh * n * HEAD_DIM + off, mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + bh * n * HEAD_DIM + off, mask=ok, other=0.0).to(tl.float32)
-    tl.store(DELTA + bh * n + i, tl.reduce(o * do, 1, _SUM_COMBINE), mask=i < n)
-
-
-@triton.jit
-def _bwd_kv_blocks(
-    dk, dv, k, v, Qb, DOb, LSEb, DELTAb, ROW_GLOBAL, r, d, u0, m_r, hi, w_span, scale_log2,
-    qb_start, qb_end, BAND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
-    # Query blocks qb_start..qb_end-1 of the band of key block u0..u0+BLOCK_N-1 (class r).
-    # Query block qb holds class indices t = u0 - hi + qb*BLOCK_M + a; key b is in row a's
-    # window iff lo <= u - t <= hi, i.e. 0 <= qb*BLOCK_M + a - b <= w_span.
-    # Transposed (key-major) tiles as in the fused-attention tutorial: dK, dV rows stay put.
-    offs_a = tl.arange(0, BLOCK_M)
-    offs_b = tl.arange(0, BLOCK_N)
-    offs_e = tl.arange(0, BLOCK_D)
-    e_ok = offs_e < HEAD_DIM
-    for qb in range(qb_start, qb_end):
-        t = u0 - hi + qb * BLOCK_M + offs_a  # (BLOCK_M,) query class index
-        in_seq = (t >= 0) & (t < m_r)
-        pos = r + d * t  # (BLOCK_M,)
-        is_g = tl.load(ROW_GLOBAL + pos, mask=in_seq, other=1)
-        row_ok = in_seq & (is_g == 0)  # global rows are added from their own loop
-        io_off = pos[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_M, BLOCK_D)
-        io_ok = in_seq[:, None] & e_ok[None, :]
-        q = tl.load(Qb + io_off, mask=io_ok, other=0.0).to(k.dtype)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(DOb + io_off, mask=io_ok, other=0.0).to(k.dtype)  # (BLOCK_M, BLOCK_D)
-        lse = tl.load(LSEb + pos, mask=in_seq, other=0.0)  # (BLOCK_M,)
-        delta = tl.load(DELTAb + pos, mask=in_seq, other=0.0)  # (BLOCK_M,)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # (BLOCK_N, BLOCK_M)
-        if BAND:
-            rel = qb * BLOCK_M + offs_a[None, :] - offs_b[:, None]  # (BLOCK_N, BLOCK_M)
-            ok = row_ok[None, :] & (rel >= 0) & (rel <= w_span)
-        else:
-            ok = row_ok[None, :]
-        p_t = tl.where(ok, tl.math.exp2(s_t - lse[None, :]), 0.0)  # (BLOCK_N, BLOCK_M) = P^T
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_D)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_M) = dP^T
-        ds_t = p_t * (dp_t - delta[None, :])  # (BLOCK_N, BLOCK_M) = dS^T
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_D)
-    return dk, dv
+    row0 = tl.program_id(1).to(tl.int64) * n
+    i = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,) rows
+    o = _load_rows(O + row0 * HEAD_DIM, i, i < n, HEAD_DIM, BLOCK_D).to(tl.float32)  # (BLOCK_M, BLOCK_D)
+    do = _load_rows(DO + row0 * HEAD_DIM, i, i < n, HEAD_DIM, BLOCK_D).to(tl.float32)  # (BLOCK_M, BLOCK_D)
+    tl.store(DELTA + row0 + i, _sum(o * do, 1), mask=i < n)
 
 
 # dK, dV of one key block of one class, from (a) the non-global queries whose window
@@ -379,77 +480,22 @@ def _bwd_kv_window_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, ROW_GLOBAL, GLOB,
     scale, scale_log2, n, H, HG, d, lo, hi, G, causal, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, STATIC_LOOPS: tl.constexpr,
-    S_K1: tl.constexpr, S_K2: tl.constexpr, S_KN: tl.constexpr, S_GN: tl.constexpr,
+    BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    CDT = tl.float32 if UPCAST else Q.dtype.element_ty  # tile dtype of the dot operands
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HG
-    h = tl.load(HEADS + pid_bh % HG)
-    nb = _cdiv_k(_cdiv_k(n, d), BLOCK_N)
-    r = pid // nb
-    u0 = (pid % nb) * BLOCK_N
-    m_r = (n - r + d - 1) // d
-    bh = (b * H + h).to(tl.int64)
-    Qb = Q + bh * n * HEAD_DIM
-    DOb = DO + bh * n * HEAD_DIM
-    LSEb = LSE + bh * n
-    DELTAb = DELTA + bh * n
-
-    offs_b = tl.arange(0, BLOCK_N)
-    offs_e = tl.arange(0, BLOCK_D)
-    e_ok = offs_e < HEAD_DIM
-    u = u0 + offs_b  # (BLOCK_N,) key class index
-    col_ok = u < m_r
-    kpos = r + d * u  # (BLOCK_N,)
-    kv_off = kpos[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_N, BLOCK_D)
-    kv_ok = col_ok[:, None] & e_ok[None, :]
-    k = tl.load(K + bh * n * HEAD_DIM + kv_off, mask=kv_ok, other=0.0).to(CDT)  # (BLOCK_N, BLOCK_D)
-    v = tl.load(V + bh * n * HEAD_DIM + kv_off, mask=kv_ok, other=0.0).to(CDT)  # (BLOCK_N, BLOCK_D)
+    r, u0, m_r, row0 = _class_block(HEADS, n, H, HG, d, BLOCK_N)
+    rows = _query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM)
+    kpos, col_ok = _class_rows(r, d, u0, m_r, BLOCK_N)  # (BLOCK_N,)
+    k = _load_rows(K + row0 * HEAD_DIM, kpos, col_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+    v = _load_rows(V + row0 * HEAD_DIM, kpos, col_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
 
-    w_span = hi - lo
-    k1, k2, kn = _window_stages(w_span, BLOCK_N, BLOCK_M)
-    dk, dv = _bwd_kv_blocks(
-        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, ROW_GLOBAL, r, d, u0, m_r, hi, w_span, scale_log2,
-        0, S_K1 if STATIC_LOOPS else k1, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC,
-    )  # fmt: skip
-    dk, dv = _bwd_kv_blocks(
-        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, ROW_GLOBAL, r, d, u0, m_r, hi, w_span, scale_log2,
-        S_K1 if STATIC_LOOPS else k1, S_K2 if STATIC_LOOPS else k2, False,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC,
-    )  # fmt: skip
-    dk, dv = _bwd_kv_blocks(
-        dk, dv, k, v, Qb, DOb, LSEb, DELTAb, ROW_GLOBAL, r, d, u0, m_r, hi, w_span, scale_log2,
-        S_K2 if STATIC_LOOPS else k2, S_KN if STATIC_LOOPS else kn, True,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC,
-    )  # fmt: skip
+    dk, dv = _walk_pattern((dk, dv), (k, v), rows, r, d, u0, m_r, lo, hi, GLOB, ROW_GLOBAL, G, causal, scale_log2,
+                           _dkdv_body, True, BLOCK_N, BLOCK_M, BLOCK_G, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
 
-    # every global row reaches every key (j <= g when causal)
-    offs_g = tl.arange(0, BLOCK_G)
-    for gb in range(S_GN if STATIC_LOOPS else _cdiv_k(G, BLOCK_G)):
-        gi = gb * BLOCK_G + offs_g
-        g_ok = gi < G
-        gpos = tl.load(GLOB + gi, mask=g_ok, other=0)  # (BLOCK_G,) global row positions
-        io_off = gpos[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_G, BLOCK_D)
-        io_ok = g_ok[:, None] & e_ok[None, :]
-        q = tl.load(Qb + io_off, mask=io_ok, other=0.0).to(CDT)  # (BLOCK_G, BLOCK_D)
-        do = tl.load(DOb + io_off, mask=io_ok, other=0.0).to(CDT)  # (BLOCK_G, BLOCK_D)
-        lse = tl.load(LSEb + gpos, mask=g_ok, other=0.0)  # (BLOCK_G,)
-        delta = tl.load(DELTAb + gpos, mask=g_ok, other=0.0)  # (BLOCK_G,)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # (BLOCK_N, BLOCK_G)
-        ok = g_ok[None, :] & ((kpos[:, None] <= gpos[None, :]) | (causal == 0))
-        p_t = tl.where(ok, tl.math.exp2(s_t - lse[None, :]), 0.0)  # (BLOCK_N, BLOCK_G)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_N, BLOCK_G)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
-
-    dk = dk * scale
-    tl.store(DK + bh * n * HEAD_DIM + kv_off, dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + bh * n * HEAD_DIM + kv_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
+    kpos, col_ok = _class_rows(r, d, u0, m_r, BLOCK_N)
+    _store_rows(DK + row0 * HEAD_DIM, kpos, col_ok, dk * scale, HEAD_DIM, BLOCK_D)
+    _store_rows(DV + row0 * HEAD_DIM, kpos, col_ok, dv, HEAD_DIM, BLOCK_D)
 
 
 # Global keys, the part the window kernel cannot see: non-global queries i that reach
@@ -462,88 +508,29 @@ def _bwd_kv_global_keys_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, ROW_GLOBAL, GLOB, DIL,
     scale, scale_log2, n, H, lo, hi, G, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, STATIC_LOOPS: tl.constexpr, S_QN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    CDT = tl.float32 if UPCAST else Q.dtype.element_ty  # tile dtype of the dot operands
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    gpos, g_ok, row0 = _global_block(GLOB, G, n, BLOCK_G)  # (BLOCK_G,) key positions
     d = tl.load(DIL + tl.program_id(1) % H)
     # this head's offsets, clipped to its longest class (as the host does per group)
     reach = _cdiv_k(n, d) - 1
     lo = tl.maximum(lo, -reach)
     hi = tl.minimum(hi, reach)
-    Qb = Q + bh * n * HEAD_DIM
-    DOb = DO + bh * n * HEAD_DIM
-    offs_e = tl.arange(0, BLOCK_D)
-    e_ok = offs_e < HEAD_DIM
-    offs_a = tl.arange(0, BLOCK_M)
-    gi = pid * BLOCK_G + tl.arange(0, BLOCK_G)
-    g_ok = gi < G
-    gpos = tl.load(GLOB + gi, mask=g_ok, other=0)  # (BLOCK_G,) key positions
-    kv_off = gpos[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_G, BLOCK_D)
-    kv_ok = g_ok[:, None] & e_ok[None, :]
-    k = tl.load(K + bh * n * HEAD_DIM + kv_off, mask=kv_ok, other=0.0).to(CDT)  # (BLOCK_G, BLOCK_D)
-    v = tl.load(V + bh * n * HEAD_DIM + kv_off, mask=kv_ok, other=0.0).to(CDT)  # (BLOCK_G, BLOCK_D)
+    k = _load_rows(K + row0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
+    v = _load_rows(V + row0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
     dk = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
     # causal: queries before the block's first key never see it
-    first = tl.where(causal != 0, tl.reduce(tl.where(g_ok, gpos, n), 0, _MIN_COMBINE) // BLOCK_M, 0)
-    for ib in range(0 if STATIC_LOOPS else first, S_QN if STATIC_LOOPS else _cdiv_k(n, BLOCK_M)):
-        i = ib * BLOCK_M + offs_a  # (BLOCK_M,) query positions
-        i_ok = i < n
-        is_g = tl.load(ROW_GLOBAL + i, mask=i_ok, other=1)
-        row_ok = i_ok & (is_g == 0)
-        io_off = i[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_M, BLOCK_D)
-        io_ok = i_ok[:, None] & e_ok[None, :]
-        q = tl.load(Qb + io_off, mask=io_ok, other=0.0).to(CDT)  # (BLOCK_M, BLOCK_D)
-        do = tl.load(DOb + io_off, mask=io_ok, other=0.0).to(CDT)  # (BLOCK_M, BLOCK_D)
-        lse = tl.load(LSE + bh * n + i, mask=i_ok, other=0.0)  # (BLOCK_M,)
-        delta = tl.load(DELTA + bh * n + i, mask=i_ok, other=0.0)  # (BLOCK_M,)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # (BLOCK_G, BLOCK_M)
-        diff = gpos[:, None] - i[None, :]  # (BLOCK_G, BLOCK_M)
-        in_win = ((diff % d) == 0) & (diff >= lo * d) & (diff <= hi * d)  # counted by the window kernel
-        ok = g_ok[:, None] & row_ok[None, :] & ~in_win & ((diff <= 0) | (causal == 0))
-        p_t = tl.where(ok, tl.math.exp2(s_t - lse[None, :]), 0.0)  # (BLOCK_G, BLOCK_M)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)  # (BLOCK_G, BLOCK_D)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (BLOCK_G, BLOCK_M)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)  # (BLOCK_G, BLOCK_D)
-    out_off = bh * n * HEAD_DIM + kv_off
-    dk = dk * scale + tl.load(DK + out_off, mask=kv_ok, other=0.0)
-    dv = dv + tl.load(DV + out_off, mask=kv_ok, other=0.0)
-    tl.store(DK + out_off, dk.to(DK.dtype.element_ty), mask=kv_ok)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_ok)
-
-
-@triton.jit
-def _bwd_q_window_blocks(
-    dq, q, do, lse, delta, Kb, Vb, r, d, t0, m_r, lo, w_span, scale_log2, kb_start, kb_end,
-    BAND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
-    # Same key blocks as _fwd_window_blocks; dQ_i += sum_j dS_ij k_j (scale applied later).
-    offs_a = tl.arange(0, BLOCK_M)
-    offs_b = tl.arange(0, BLOCK_N)
-    offs_e = tl.arange(0, BLOCK_D)
-    e_ok = offs_e < HEAD_DIM
-    for kb in range(kb_start, kb_end):
-        u = t0 + lo + kb * BLOCK_N + offs_b  # (BLOCK_N,)
-        col_ok = (u >= 0) & (u < m_r)
-        kv_off = (r + d * u)[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_N, BLOCK_D)
-        kv_ok = col_ok[:, None] & e_ok[None, :]
-        k = tl.load(Kb + kv_off, mask=kv_ok, other=0.0).to(q.dtype)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(Vb + kv_off, mask=kv_ok, other=0.0).to(q.dtype)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # (BLOCK_M, BLOCK_N)
-        if BAND:
-            rel = kb * BLOCK_N + offs_b[None, :] - offs_a[:, None]
-            ok = col_ok[None, :] & (rel >= 0) & (rel <= w_span)
-        else:
-            ok = col_ok[None, :]
-        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N)
-        ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_D)
-    return dq
+    first = tl.where(causal != 0, _min(tl.where(g_ok, gpos, n), 0) // BLOCK_M, 0)
+    rows = _query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM)
+    dk, dv = _walk_list((dk, dv), (k, v), rows, gpos, GLOB, ROW_GLOBAL,
+                        n, first, _cdiv_k(n, BLOCK_M), d, lo, hi, causal, scale_log2, _dkdv_body,
+                        OWN_KEYS=True, LISTED=False, OUTSIDE_WINDOW=True, SKIP_GLOBAL=True, BLOCK_S=BLOCK_M,
+                        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
+    dk = dk * scale + _load_rows(DK + row0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
+    dv = dv + _load_rows(DV + row0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
+    _store_rows(DK + row0 * HEAD_DIM, gpos, g_ok, dk, HEAD_DIM, BLOCK_D)
+    _store_rows(DV + row0 * HEAD_DIM, gpos, g_ok, dv, HEAD_DIM, BLOCK_D)
 
 
 # dQ of the non-global rows of one dilation group: the window and the global keys outside
@@ -554,74 +541,20 @@ def _bwd_q_window_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, HEADS, GLOB,
     scale, scale_log2, n, H, HG, d, lo, hi, G, causal, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, STATIC_LOOPS: tl.constexpr,
-    S_K1: tl.constexpr, S_K2: tl.constexpr, S_KN: tl.constexpr, S_GN: tl.constexpr,
+    BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    CDT = tl.float32 if UPCAST else Q.dtype.element_ty  # tile dtype of the dot operands
-    pid = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // HG
-    h = tl.load(HEADS + pid_bh % HG)
-    nb = _cdiv_k(_cdiv_k(n, d), BLOCK_M)
-    r = pid // nb
-    t0 = (pid % nb) * BLOCK_M
-    m_r = (n - r + d - 1) // d
-    bh = (b * H + h).to(tl.int64)
-    Kb = K + bh * n * HEAD_DIM
-    Vb = V + bh * n * HEAD_DIM
+    r, t0, m_r, row0 = _class_block(HEADS, n, H, HG, d, BLOCK_M)
+    pos, row_ok = _class_rows(r, d, t0, m_r, BLOCK_M)  # (BLOCK_M,)
+    res = _query_rows(_query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM), pos, row_ok, HEAD_DIM, BLOCK_D)
+    kv = (K + row0 * HEAD_DIM, V + row0 * HEAD_DIM)
 
-    offs_a = tl.arange(0, BLOCK_M)
-    offs_e = tl.arange(0, BLOCK_D)
-    e_ok = offs_e < HEAD_DIM
-    t = t0 + offs_a
-    row_ok = t < m_r
-    pos = r + d * t  # (BLOCK_M,)
-    io_off = pos[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_M, BLOCK_D)
-    io_ok = row_ok[:, None] & e_ok[None, :]
-    q = tl.load(Q + bh * n * HEAD_DIM + io_off, mask=io_ok, other=0.0).to(CDT)  # (BLOCK_M, BLOCK_D)
-    do = tl.load(DO + bh * n * HEAD_DIM + io_off, mask=io_ok, other=0.0).to(CDT)  # (BLOCK_M, BLOCK_D)
-    lse = tl.load(LSE + bh * n + pos, mask=row_ok, other=0.0)  # (BLOCK_M,)
-    delta = tl.load(DELTA + bh * n + pos, mask=row_ok, other=0.0)  # (BLOCK_M,)
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-
-    w_span = hi - lo
-    k1, k2, kn = _window_stages(w_span, BLOCK_M, BLOCK_N)
-    dq = _bwd_q_window_blocks(
-        dq, q, do, lse, delta, Kb, Vb, r, d, t0, m_r, lo, w_span, scale_log2,
-        0, S_K1 if STATIC_LOOPS else k1, True, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC,
-    )  # fmt: skip
-    dq = _bwd_q_window_blocks(
-        dq, q, do, lse, delta, Kb, Vb, r, d, t0, m_r, lo, w_span, scale_log2,
-        S_K1 if STATIC_LOOPS else k1, S_K2 if STATIC_LOOPS else k2, False,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC,
-    )  # fmt: skip
-    dq = _bwd_q_window_blocks(
-        dq, q, do, lse, delta, Kb, Vb, r, d, t0, m_r, lo, w_span, scale_log2,
-        S_K2 if STATIC_LOOPS else k2, S_KN if STATIC_LOOPS else kn, True,
-        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, DOT_PREC,
-    )  # fmt: skip
-
-    offs_g = tl.arange(0, BLOCK_G)
-    for gb in range(S_GN if STATIC_LOOPS else _cdiv_k(G, BLOCK_G)):
-        gi = gb * BLOCK_G + offs_g
-        g_ok = gi < G
-        gpos = tl.load(GLOB + gi, mask=g_ok, other=0)  # (BLOCK_G,)
-        kv_off = gpos[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_G, BLOCK_D)
-        kv_ok = g_ok[:, None] & e_ok[None, :]
-        k = tl.load(Kb + kv_off, mask=kv_ok, other=0.0).to(CDT)  # (BLOCK_G, BLOCK_D)
-        v = tl.load(Vb + kv_off, mask=kv_ok, other=0.0).to(CDT)  # (BLOCK_G, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # (BLOCK_M, BLOCK_G)
-        diff = gpos[None, :] - pos[:, None]  # (BLOCK_M, BLOCK_G)
-        in_win = ((diff % d) == 0) & (diff >= lo * d) & (diff <= hi * d)  # counted in the window loop
-        ok = g_ok[None, :] & ~in_win & ((diff <= 0) | (causal == 0))
-        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # (BLOCK_M, BLOCK_G)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_G)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_D)
+    (dq,) = _walk_pattern((dq,), res, kv, r, d, t0, m_r, lo, hi, GLOB, None, G, causal, scale_log2,
+                          _dq_body, False, BLOCK_M, BLOCK_N, BLOCK_G, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
 
     # global rows: overwritten by _bwd_q_global_rows_kernel, launched after this one
-    dq = dq * scale
-    tl.store(DQ + bh * n * HEAD_DIM + io_off, dq.to(DQ.dtype.element_ty), mask=io_ok)
+    pos, row_ok = _class_rows(r, d, t0, m_r, BLOCK_M)
+    _store_rows(DQ + row0 * HEAD_DIM, pos, row_ok, dq * scale, HEAD_DIM, BLOCK_D)
 
 
 # dQ of the global rows: every key (j <= g when causal).  grid: (ceil(G / BLOCK_G), B * H).
@@ -629,42 +562,17 @@ def _bwd_q_window_kernel(
 def _bwd_q_global_rows_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, GLOB, scale, scale_log2, n, G, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_PREC: tl.constexpr, UPCAST: tl.constexpr, STATIC_LOOPS: tl.constexpr, S_KN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    CDT = tl.float32 if UPCAST else Q.dtype.element_ty  # tile dtype of the dot operands
-    pid = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
-    Kb = K + bh * n * HEAD_DIM
-    Vb = V + bh * n * HEAD_DIM
-    offs_e = tl.arange(0, BLOCK_D)
-    e_ok = offs_e < HEAD_DIM
-    offs_b = tl.arange(0, BLOCK_N)
-    gi = pid * BLOCK_G + tl.arange(0, BLOCK_G)
-    g_ok = gi < G
-    gpos = tl.load(GLOB + gi, mask=g_ok, other=0)  # (BLOCK_G,)
-    io_off = gpos[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_G, BLOCK_D)
-    io_ok = g_ok[:, None] & e_ok[None, :]
-    q = tl.load(Q + bh * n * HEAD_DIM + io_off, mask=io_ok, other=0.0).to(CDT)  # (BLOCK_G, BLOCK_D)
-    do = tl.load(DO + bh * n * HEAD_DIM + io_off, mask=io_ok, other=0.0).to(CDT)  # (BLOCK_G, BLOCK_D)
-    lse = tl.load(LSE + bh * n + gpos, mask=g_ok, other=0.0)  # (BLOCK_G,)
-    delta = tl.load(DELTA + bh * n + gpos, mask=g_ok, other=0.0)  # (BLOCK_G,)
+    gpos, g_ok, row0 = _global_block(GLOB, G, n, BLOCK_G)  # (BLOCK_G,) row positions
+    res = _query_rows(_query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM), gpos, g_ok, HEAD_DIM, BLOCK_D)
+    kv = (K + row0 * HEAD_DIM, V + row0 * HEAD_DIM)
     dq = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
-    key_end = tl.where(causal != 0, tl.reduce(tl.where(g_ok, gpos, 0), 0, _MAX_COMBINE) + 1, n)
-    for kb in range(S_KN if STATIC_LOOPS else _cdiv_k(key_end, BLOCK_N)):
-        j = kb * BLOCK_N + offs_b  # (BLOCK_N,)
-        j_ok = j < n
-        kv_off = j[:, None] * HEAD_DIM + offs_e[None, :]  # (BLOCK_N, BLOCK_D)
-        kv_ok = j_ok[:, None] & e_ok[None, :]
-        k = tl.load(Kb + kv_off, mask=kv_ok, other=0.0).to(CDT)  # (BLOCK_N, BLOCK_D)
-        v = tl.load(Vb + kv_off, mask=kv_ok, other=0.0).to(CDT)  # (BLOCK_N, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # (BLOCK_G, BLOCK_N)
-        ok = j_ok[None, :] & ((j[None, :] <= gpos[:, None]) | (causal == 0))
-        p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # (BLOCK_G, BLOCK_N)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (BLOCK_G, BLOCK_N)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)  # (BLOCK_G, BLOCK_D)
-    dq = dq * scale
-    tl.store(DQ + bh * n * HEAD_DIM + io_off, dq.to(DQ.dtype.element_ty), mask=io_ok)
+    (dq,) = _walk_list((dq,), res, kv, gpos, GLOB, None,
+                       n, 0, _key_blocks(gpos, g_ok, n, causal, BLOCK_N), 1, 0, 0, causal, scale_log2, _dq_body,
+                       OWN_KEYS=False, LISTED=False, OUTSIDE_WINDOW=False, SKIP_GLOBAL=False, BLOCK_S=BLOCK_N,
+                       HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
+    _store_rows(DQ + row0 * HEAD_DIM, gpos, g_ok, dq * scale, HEAD_DIM, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------- launch
@@ -676,13 +584,6 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def block_d(head_dim: int) -> int:
-    """Head dim as the kernels see it: the next power of two, at least 16 (tl.dot's
-    minimum). The extra columns are masked loads of zeros, so q.k is unchanged and the
-    scale stays the caller's (``1/sqrt(head_dim)`` of the real head_dim)."""
-    return max(16, _next_pow2(head_dim))
-
-
 #: (BLOCK_M, BLOCK_N, num_warps, num_stages) the CUDA autotuner tries. BLOCK_M: query
 #: rows per block, BLOCK_N: key rows per block, in every kernel.
 FWD_CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 8, 2), (32, 64, 4, 3)]
@@ -691,10 +592,6 @@ BWD_Q_CONFIGS = [(64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2
 # (for 16-bit inputs every head_dim up to 128 has configs that ptxas compiles for sm90
 # without spilling registers, see cuobjdump -res-usage; fp32 inputs, three TF32 products
 # per dot, spill at every size)
-
-#: on CUDA, sequences at least this long use the autotuned kernels; shorter ones use a
-#: fixed config per head_dim, so that small problems do not pay for tuning
-AUTOTUNE_MIN_SEQ = 4096
 
 #: block sizes, warps and stages of the latest forward and backward, for last_config()
 LAST_CONFIG: dict = {}
@@ -825,29 +722,18 @@ def _heads(device: torch.device, heads: tuple[int, ...]) -> torch.Tensor:
 
 
 def _window_launch(kernel, tuner, args: tuple, *, programs_over: str, n: int, d: int, B: int, HG: int,
-                   w_span: int, G: int, bg: int, fixed: tuple, tune: bool, **const) -> dict:  # fmt: skip
+                   fixed: tuple, tune: bool, **const) -> dict:  # fmt: skip
     """Launch a window kernel (forward, dK/dV or dQ) over one dilation group.
 
     ``programs_over`` is "BLOCK_M" when a program owns a block of query rows (its
     loop walks key blocks) and "BLOCK_N" when it owns a block of keys."""
     n_cls = _cdiv(n, d)
-    if INTERPRETED:
-        bm = bn = INTERP_BLOCK
-        own, walk = (bm, bn) if programs_over == "BLOCK_M" else (bn, bm)
-        k1, k2, kn = static_stages(w_span, own, walk)
-        grid = (d * _cdiv(n_cls, own), B * HG)
-        kernel[grid](
-            *args, **const, BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=bg,
-            STATIC_LOOPS=True, S_K1=k1, S_K2=k2, S_KN=kn, S_GN=_cdiv(G, bg),
-        )  # fmt: skip
-        return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": None, "num_stages": None, "autotuned": False}
 
     def grid(meta):
         return (d * _cdiv(n_cls, meta[programs_over]), B * HG)
 
-    statics = {"STATIC_LOOPS": False, "S_K1": 0, "S_K2": 0, "S_KN": 0, "S_GN": 0}
     if tune:
-        tuner[grid](*args, **const, BLOCK_G=bg, **statics)
+        tuner[grid](*args, **const)
         c = tuner.best_config
         return {
             "BLOCK_M": c.kwargs["BLOCK_M"],
@@ -856,38 +742,37 @@ def _window_launch(kernel, tuner, args: tuple, *, programs_over: str, n: int, d:
             "num_stages": c.num_stages,
             "autotuned": True,
         }
-    bm, bn, w, s = fixed
-    kernel[grid](*args, **const, BLOCK_M=bm, BLOCK_N=bn, BLOCK_G=bg, num_warps=w, num_stages=s, **statics)
+    bm, bn, w, s = (INTERPRETER_BLOCK, INTERPRETER_BLOCK, None, None) if INTERPRETED else fixed
+    kernel[grid](*args, **const, BLOCK_M=bm, BLOCK_N=bn, **_launch_opts(w, s))
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": s, "autotuned": False}
 
 
-def _rows_launch(kernel, args: tuple, *, n: int, G: int, BH: int, bg: int, bd: int, esize: int, **const) -> None:
-    """Launch a global-rows kernel: one program per block of global rows, all keys."""
-    grid = (_cdiv(G, bg), BH)
-    if INTERPRETED:
-        kernel[grid](*args, **const, BLOCK_G=bg, BLOCK_N=INTERP_BLOCK, STATIC_LOOPS=True, S_KN=_cdiv(n, INTERP_BLOCK))
-    else:
-        bn = 32 if bd * esize > 256 else 64
-        kernel[grid](*args, **const, BLOCK_G=bg, BLOCK_N=bn, STATIC_LOOPS=False, S_KN=0, num_warps=4, num_stages=2)
+def _global_launch(kernel, args: tuple, *, streams: str, G: int, BH: int, bg: int, bd: int, esize: int,
+                   **const) -> None:  # fmt: skip
+    """Launch a global-token kernel: one program per block of global tokens, streaming
+    blocks (``streams``: "BLOCK_N" of keys, "BLOCK_M" of queries) over the sequence."""
+    bs = INTERPRETER_BLOCK if INTERPRETED else 32 if bd * esize > 256 else 64
+    kernel[(_cdiv(G, bg), BH)](*args, **const, BLOCK_G=bg, **{streams: bs}, **_launch_opts(4, 2))
+
+
+def _launch_opts(num_warps: int | None, num_stages: int | None) -> dict:
+    return {} if INTERPRETED else {"num_warps": num_warps, "num_stages": num_stages}
 
 
 def _dot_args(dtype: torch.dtype) -> dict:
     """DOT_PREC for fp32 inputs: plain TF32 would miss the fp32 tolerance, so the
     compiled kernels use "tf32x3" (three TF32 products: about fp32 accuracy on tensor
     cores, and it compiles several times faster than "ieee"); the interpreter computes
-    in numpy ("ieee"). For 16-bit inputs it is ignored. UPCAST: the interpreter cannot
-    multiply bf16 (numpy holds it as uint16), so there bf16 tiles go to fp32 before
-    each dot; a bf16 x bf16 product is exact in fp32, so this matches the compiled
-    kernel up to the rounding of P and dS to bf16 and the summation order."""
+    in numpy ("ieee"). For 16-bit inputs it is ignored."""
     if dtype == torch.float32:
         prec = "ieee" if INTERPRETED else "tf32x3"
     else:
         prec = "tf32"
-    return {"DOT_PREC": prec, "UPCAST": INTERPRETED and dtype == torch.bfloat16}
+    return {"DOT_PREC": prec}
 
 
 def _block_g(G: int) -> int:
-    return INTERP_BLOCK if INTERPRETED else min(64, max(16, _next_pow2(G)))
+    return INTERPRETER_BLOCK if INTERPRETED else min(64, max(16, _next_pow2(G)))
 
 
 def forward(
@@ -913,6 +798,7 @@ def forward(
     scale_log2 = float(scale) * LOG2E
     bg = _block_g(G)
     tune = not INTERPRETED and n >= AUTOTUNE_MIN_SEQ
+    q, k, v = _kernel_inputs(q, k, v)  # after out is allocated: it keeps the caller's dtype
     cfg: dict = {}
     for d, lo_g, hi_g, heads in _groups(tuple(dilations), n, lo, hi):
         heads_t = _heads(q.device, tuple(heads))
@@ -937,13 +823,12 @@ def forward(
         )
         cfg = _window_launch(
             _fwd_window_kernel, _fwd_window_tuned, args, programs_over="BLOCK_M", n=n, d=d, B=B, HG=len(heads),
-            w_span=hi_g - lo_g, G=G, bg=bg, fixed=_fixed(bd, esize, "fwd"), tune=tune,
-            HEAD_DIM=D, BLOCK_D=bd, **dot,
+            fixed=_fixed(bd, esize, "fwd"), tune=tune, HEAD_DIM=D, BLOCK_D=bd, BLOCK_G=bg, **dot,
         )  # fmt: skip
     if G:
-        _rows_launch(
+        _global_launch(
             _fwd_global_rows_kernel, (q, k, v, out, lse, g_t, scale_log2, n, G, int(causal)),
-            n=n, G=G, BH=B * H, bg=bg, bd=bd, esize=esize, HEAD_DIM=D, BLOCK_D=bd, **dot,
+            streams="BLOCK_N", G=G, BH=B * H, bg=bg, bd=bd, esize=esize, HEAD_DIM=D, BLOCK_D=bd, **dot,
         )  # fmt: skip
     LAST_CONFIG.clear()
     LAST_CONFIG.update(cfg, BLOCK_D=bd, BLOCK_G=bg, interpreted=INTERPRETED)
@@ -966,6 +851,7 @@ def backward(
     """Gradients of q, k, v from dO, recomputing P from the saved LSE. Every tensor
     contiguous, as :func:`forward` got and returned them."""
     B, H, n, D = q.shape
+    dtype = q.dtype
     bd, esize, G = block_d(D), q.element_size(), len(glob)
     lo, hi = _offsets(window, causal, n)
     row_global, g_t, dil_t = _meta(q.device, n, tuple(dilations), tuple(glob))
@@ -975,20 +861,21 @@ def backward(
     tune = not INTERPRETED and n >= AUTOTUNE_MIN_SEQ
 
     delta = torch.empty_like(lse)  # (B, H, n) fp32
-    bmd = INTERP_BLOCK if INTERPRETED else 64
+    bmd = INTERPRETER_BLOCK if INTERPRETED else 64
     _bwd_delta_kernel[(_cdiv(n, bmd), B * H)](out, do, delta, n, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bmd)
 
     dq = torch.empty_like(q)
     # with global keys dK, dV get a second, read-add-write pass: keep them fp32 until then
-    acc_dtype = torch.float32 if G else q.dtype
+    acc_dtype = torch.float32 if G else dtype
     dk = torch.empty(q.shape, dtype=acc_dtype, device=q.device)
     dv = torch.empty(q.shape, dtype=acc_dtype, device=q.device)
+    do, q, k, v, out = _kernel_inputs(do, q, k, v, out)  # the gradients keep the caller's dtype
     cfg_kv: dict = {}
     cfg_q: dict = {}
     for d, lo_g, hi_g, heads in _groups(tuple(dilations), n, lo, hi):
         HG = len(heads)
         heads_t = _heads(q.device, tuple(heads))
-        common = dict(n=n, d=d, B=B, HG=HG, w_span=hi_g - lo_g, G=G, bg=bg, tune=tune, HEAD_DIM=D, BLOCK_D=bd)
+        common = dict(n=n, d=d, B=B, HG=HG, tune=tune, HEAD_DIM=D, BLOCK_D=bd, BLOCK_G=bg)
         tail = (scale, scale_log2, n, H, HG, d, lo_g, hi_g, G, int(causal), _next_pow2(n))
         cfg_kv = _window_launch(
             _bwd_kv_window_kernel, _bwd_kv_window_tuned,
@@ -1001,43 +888,17 @@ def backward(
             programs_over="BLOCK_M", fixed=_fixed(bd, esize, "q"), **dot, **common,
         )  # fmt: skip
     if G:
+        glob_common = dict(G=G, BH=B * H, bg=bg, bd=bd, esize=esize, HEAD_DIM=D, BLOCK_D=bd, **dot)
         # after every group's dK/dV window kernel: it adds to what they stored
-        grid = (_cdiv(G, bg), B * H)
-        args = (
-            q,
-            k,
-            v,
-            do,
-            lse,
-            delta,
-            dk,
-            dv,
-            row_global,
-            g_t,
-            dil_t,
-            scale,
-            scale_log2,
-            n,
-            H,
-            lo,
-            hi,
-            G,
-            int(causal),
-        )
-        if INTERPRETED:
-            _bwd_kv_global_keys_kernel[grid](
-                *args, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=INTERP_BLOCK, BLOCK_G=bg, **dot,
-                STATIC_LOOPS=True, S_QN=_cdiv(n, INTERP_BLOCK),
-            )  # fmt: skip
-        else:
-            _bwd_kv_global_keys_kernel[grid](
-                *args, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=32 if bd * esize > 256 else 64, BLOCK_G=bg, **dot,
-                STATIC_LOOPS=False, S_QN=0, num_warps=4, num_stages=2,
-            )  # fmt: skip
-        _rows_launch(
-            _bwd_q_global_rows_kernel, (q, k, v, do, lse, delta, dq, g_t, scale, scale_log2, n, G, int(causal)),
-            n=n, G=G, BH=B * H, bg=bg, bd=bd, esize=esize, HEAD_DIM=D, BLOCK_D=bd, **dot,
+        _global_launch(
+            _bwd_kv_global_keys_kernel,
+            (q, k, v, do, lse, delta, dk, dv, row_global, g_t, dil_t, scale, scale_log2, n, H, lo, hi, G, int(causal)),
+            streams="BLOCK_M", **glob_common,
         )  # fmt: skip
-        dk, dv = dk.to(q.dtype), dv.to(q.dtype)
+        _global_launch(
+            _bwd_q_global_rows_kernel, (q, k, v, do, lse, delta, dq, g_t, scale, scale_log2, n, G, int(causal)),
+            streams="BLOCK_N", **glob_common,
+        )  # fmt: skip
+        dk, dv = dk.to(dtype), dv.to(dtype)
     LAST_CONFIG["backward"] = {"kv": cfg_kv, "q": cfg_q, "BLOCK_G": bg, "interpreted": INTERPRETED}
     return dq, dk, dv

@@ -16,8 +16,7 @@ CPU tensors run in Triton's interpreter (numpy, slow: tests use small sizes); CU
 tensors run compiled kernels, autotuned per head_dim and window for long sequences.
 The call goes through the custom op ``torch.ops.attnbench.triton_longformer_fwd``
 (with a fake implementation and a registered backward), so it composes with
-``torch.compile``; :class:`TritonLongformerAttention` is the same as a plain
-``torch.autograd.Function``.
+``torch.compile``; it is the only path, eager or compiled.
 
 Triton is imported only when a call runs: ``import attnbench.impls.triton_fused``
 needs torch alone, and the probe names what is missing.
@@ -35,11 +34,24 @@ import torch
 
 from attnbench import Pattern, register
 
+# The constants the registry publishes (tunables=, built at import, without triton) and
+# the kernel module's launch code shares: defined here only, imported by the kernels.
 MAX_HEAD_DIM = 256
-#: block sizes in the interpreter (must match _triton_kernels.INTERP_BLOCK)
+#: block sizes in the interpreter. Each interpreted op costs tens of microseconds of
+#: Python whatever its size, so fewer, larger blocks run faster; 32 still gives several
+#: blocks per class at test sizes (n ~ 100)
 INTERPRETER_BLOCK = 32
-#: on CUDA, sequences at least this long are autotuned (must match _triton_kernels.AUTOTUNE_MIN_SEQ)
+#: on CUDA, sequences at least this long use the autotuned kernels; shorter ones use a
+#: fixed config per head_dim, so that small problems do not pay for tuning
 AUTOTUNE_MIN_SEQ = 4096
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim as the kernels see it: the next power of two, at least 16 (tl.dot's
+    minimum). The extra columns are masked loads of zeros, so q.k is unchanged and the
+    scale stays the caller's (``1/sqrt(head_dim)`` of the real head_dim)."""
+    return max(16, 1 << max(0, head_dim - 1).bit_length())
+
 
 _KERNEL_FILE = Path(__file__).with_name("_triton_kernels.py")
 _KERNEL_MODULES: dict[bool, ModuleType] = {}
@@ -156,9 +168,8 @@ def compile_ahead(
     kern = kernels(False)
     fn = getattr(kern, name)
     types = dict(_ARG_TYPES, **{p: "*" + dtype for p in ("Q", "K", "V", "O", "DO", "DQ")})
-    consts = dict(HEAD_DIM=head_dim, BLOCK_D=kern.block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g,
-                  DOT_PREC="tf32x3" if dtype == "fp32" else "tf32", UPCAST=False,
-                  STATIC_LOOPS=False, S_K1=0, S_K2=0, S_KN=0, S_GN=0, S_QN=0)  # fmt: skip
+    consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g,
+                  DOT_PREC="tf32x3" if dtype == "fp32" else "tf32")  # fmt: skip
     sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
     cx = {(fn.arg_names.index(a),): consts[a] for a in fn.arg_names if a in consts}
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
@@ -243,34 +254,6 @@ def _op_args(q: torch.Tensor, pattern: Pattern, scale: float) -> tuple:
     return pattern.window, dil, pattern.causal, list(pattern.global_tokens), float(scale)
 
 
-class TritonLongformerAttention(torch.autograd.Function):
-    """The kernels as a plain autograd Function (eager only; the registered
-    implementation uses the custom op, which torch.compile can trace).
-
-    ``TritonLongformerAttention.apply(q, k, v, pattern, scale)``."""
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float):
-        params = _op_args(q, pattern, scale)
-        window, dil, causal, glob, sc = params
-        out, lse = _kernels_for(q).forward(
-            q.contiguous(), k.contiguous(), v.contiguous(), tuple(dil), window, causal, tuple(glob), sc
-        )
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.params = params
-        return out
-
-    @staticmethod
-    def backward(ctx, dout: torch.Tensor):
-        q, k, v, out, lse = ctx.saved_tensors
-        window, dil, causal, glob, sc = ctx.params
-        dq, dk, dv = _kernels_for(q).backward(
-            dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
-            tuple(dil), window, causal, tuple(glob), sc,
-        )  # fmt: skip
-        return dq, dk, dv, None, None
-
-
 # ---------------------------------------------------------------------------- registry
 @functools.lru_cache(maxsize=1)
 def _probe() -> str | None:
@@ -292,10 +275,6 @@ def _probe() -> str | None:
     return None
 
 
-def _block_d(head_dim: int) -> int:
-    return max(16, 1 << max(0, head_dim - 1).bit_length())
-
-
 def _check(q: torch.Tensor, pattern: Pattern) -> list[str]:
     B, H, n, D = q.shape
     reasons = []
@@ -303,8 +282,8 @@ def _check(q: torch.Tensor, pattern: Pattern) -> list[str]:
         reasons.append(f"head_dim={D} not supported (at most {MAX_HEAD_DIM})")
     if B * H > 65535:
         reasons.append(f"batch*heads={B * H} exceeds the grid limit 65535")
-    if n * _block_d(D) >= 2**31:
-        reasons.append(f"seq_len*head_dim={n * _block_d(D)} overflows the kernels' int32 offsets within a head")
+    if n * block_d(D) >= 2**31:
+        reasons.append(f"seq_len*head_dim={n * block_d(D)} overflows the kernels' int32 offsets within a head")
     if q.device.type == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device)[0] < 8:
         reasons.append("bf16 needs a GPU of compute capability >= 8.0")
     return reasons

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in a.dtypes.split(","):
         esize = 4 if dtype == "fp32" else 2
         for head_dim in (int(x) for x in a.head_dims.split(",")):
-            bd = kern.block_d(head_dim)
+            bd = tf.block_d(head_dim)
             for kind, name in KERNELS.items():
                 rows = []
                 if a.configs in ("fixed", "all"):
