@@ -32,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-from attnbench import Pattern, register
+from attnbench import FEATURES, Pattern, register
 
 # The constants the registry publishes (tunables=, built at import, without triton) and
 # the kernel module's launch code shares: defined here only, imported by the kernels.
@@ -303,11 +303,10 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     "triton",
     devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
-    features=("dilation", "per_head_dilation", "global_tokens", "causal", "backward"),
+    features=FEATURES,
     probe=_probe,
     check=_check,
     memory=_memory,
-    description="fused Triton kernels, FlashAttention-2 style over window + global keys (interpreted on CPU)",
     slow_on_cpu=True,
     interpreted_on_cpu=True,
     report=_report,
@@ -319,5 +318,6 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     },
 )
 def triton_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+    """fused Triton kernels, FlashAttention-2 style over window + global keys (interpreted on CPU)"""
     out, _ = torch.ops.attnbench.triton_longformer_fwd(q, k, v, *_op_args(q, pattern, scale))
     return out
