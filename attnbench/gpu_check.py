@@ -39,8 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = Path(importlib.import_module("attnbench.conf").__file__).parent / "gpu_targets.csv"
 STAGES = ("correctness", "targets", "scaling", "tests")
 MEASURING = STAGES[:3]
-#: seconds planned per stage; what a stage leaves passes on to the next
-ALLOWANCE = {"correctness": 105.0, "targets": 170.0, "scaling": 140.0, "tests": 110.0}
+#: the measuring stages' shares of the time; what a stage leaves passes on to the next
+ALLOWANCE = {"correctness": 105.0, "targets": 170.0, "scaling": 140.0}
+SETUP_S = 15.0  # the environment checks and the ceilings
+TESTS_MIN_S = 90.0  # kept for the tests, which get whatever the measuring stages leave
 RESERVE_S = 25.0  # the figure, summary and verdict, and a stopped test run's report
 FIRST = ("triton", "cupy", "chunked")
 #: how each stage times: correctness only verifies; the rest follow the engine's defaults
@@ -380,6 +382,14 @@ def verdict(outdir: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- the command
+def allowances(stages: list[str], budget: float) -> dict[str, float]:
+    """Seconds for each chosen measuring stage: ``budget`` less the set-up, the reserve
+    and the tests' minimum, shared in proportion to :data:`ALLOWANCE`."""
+    mine = [s for s in stages if s in ALLOWANCE]
+    room = budget - SETUP_S - RESERVE_S - (TESTS_MIN_S if "tests" in stages else 0.0)
+    return {s: ALLOWANCE[s] * room / sum(ALLOWANCE[m] for m in mine) for s in mine}
+
+
 def _stages(text: str) -> list[str]:
     got = [x.strip() for x in text.split(",") if x.strip()]
     if not got or any(x not in STAGES for x in got):
@@ -398,26 +408,23 @@ def dry_run(stages: list[str], budget: float, workers: int) -> int:
     for name, problem in env["checks"].items():
         print(f"  check {name}: {problem or 'ok'}")
     compiled: set = set()
-    total = 15.0  # the environment and the ceilings
-    print("  environment + ceilings: ~15 s")
-    for stage in stages:
-        if stage == "tests":
-            est = ALLOWANCE["tests"]
-            how = f"pytest -n {workers} --dist loadgroup" if importlib.util.find_spec("xdist") else "one process"
-            print(f"  tests (allowance {ALLOWANCE['tests']:.0f} s, ~{est:.0f} s): {how}")
-        else:
-            jobs = plan([stage])
-            times = [estimate_s(j, compiled) for j in jobs]
-            est = sum(times)
-            print(f"  {stage} (allowance {ALLOWANCE[stage]:.0f} s, ~{sum(times):.0f} s for {len(jobs)} jobs):")
-            for i, (j, s) in enumerate(zip(jobs, times), 1):
-                c = j.config
-                where = "child" if j.child else ""
-                print(f"    {i:3d} {c.impl:13s} {c.dtype} B={c.batch} H={c.heads} D={c.head_dim:<3d} w={c.window} "
-                      f"d={c.dilation} n={c.seq_len:<6d} {c.mode:7s} {where:5s} ~{s:.1f} s")  # fmt: skip
-        total += est
-    fits = "fits" if total + RESERVE_S <= budget else "does NOT fit"
-    print(f"  estimate: ~{total:.0f} s + {RESERVE_S:.0f} s reserve: {fits} in {budget:.0f} s "
+    allowed, total = allowances(stages, budget), 0.0
+    print(f"  environment + ceilings: ~{SETUP_S:.0f} s")
+    for stage in [s for s in stages if s in allowed]:
+        jobs = plan([stage])
+        times = [estimate_s(j, compiled) for j in jobs]
+        total += sum(times)
+        print(f"  {stage} (allowance {allowed[stage]:.0f} s, ~{sum(times):.0f} s for {len(jobs)} jobs):")
+        for i, (j, t) in enumerate(zip(jobs, times), 1):
+            c, where = j.config, "child" if j.child else ""
+            print(f"    {i:3d} {c.impl:13s} {c.dtype} B={c.batch} H={c.heads} D={c.head_dim:<3d} w={c.window} "
+                  f"d={c.dilation} n={c.seq_len:<6d} {c.mode:7s} {where:5s} ~{t:.1f} s")  # fmt: skip
+    if "tests" in stages:
+        how = f"pytest -n {workers} --dist loadgroup" if importlib.util.find_spec("xdist") else "one process"
+        rest = budget - SETUP_S - RESERVE_S - total
+        print(f"  tests (what is left: ~{rest:.0f} s, at least {TESTS_MIN_S:.0f} s): {how}")
+    fits = "fits" if total <= sum(allowed.values()) else "does NOT fit"
+    print(f"  estimate: ~{SETUP_S + total:.0f} s of measuring, {RESERVE_S:.0f} s reserve: {fits} in {budget:.0f} s "
           "(each stage stops at its allowance plus what earlier stages left)")  # fmt: skip
     return 0
 
@@ -481,15 +488,16 @@ def _run(a: argparse.Namespace, outdir: Path, t0: float) -> int:
         log.error("  ceilings failed (%s: %s); every job runs in a child process", type(e).__name__, e)
     (outdir / "environment.json").write_text(json.dumps(env, indent=2, default=str))
     end = t0 + a.budget - RESERVE_S
-    planned = time.time()
+    planned, allowed = time.time(), allowances(a.stages, a.budget - (time.time() - t0 - SETUP_S))
     for stage in a.stages:
-        planned += ALLOWANCE[stage]
+        if stage == "tests":  # the last stage: what is left
+            log.info("== tests (until %+.0f s)", end - t0)
+            run_tests(outdir, end - time.time(), a.workers)
+            continue
+        planned += allowed[stage]
         deadline = min(end, max(planned, time.time()))
         log.info("== %s (until %+.0f s)", stage, deadline - t0)
-        if stage == "tests":
-            run_tests(outdir, end - time.time(), a.workers)  # the last stage: what is left
-        else:
-            run_stage(stage, plan([stage]), outdir, deadline, state)
+        run_stage(stage, plan([stage]), outdir, deadline, state)
     _report(outdir)
     log.info("== done in %.0f s; results in %s/", time.time() - t0, outdir)
     return 0
