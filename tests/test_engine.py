@@ -158,20 +158,25 @@ def test_the_gradient_gate_at_its_boundary(tmp_path, throwaway, dtype):
 
 @pytest.mark.parametrize("where", ["dq", "dk"])
 def test_gradients_are_checked_at_the_measured_size_by_sampled_rows(tmp_path, throwaway, where):
-    """A backward wrong only near the end of a long sequence (where a short prefix check
-    never looks) is caught by the sampled rows' gradients at full size: dq on the last
-    row, dk on a key only the last rows reach."""
-    n = 600
-    delta = torch.zeros(1, 2, n, 16, dtype=torch.float64)
-    delta[0, 1, n - 1, 3] = 0.05
-    nudge = {"dq": lambda q, k: (Nudge.apply(q, delta), k), "dk": lambda q, k: (q, Nudge.apply(k, delta))}[where]
+    """A backward that is wrong only at the measured length (as a config autotuned for
+    long sequences would be), near the end, is caught by the sampled rows' gradients at
+    full size: dq on the last row, dk on a key only the last rows reach."""
+    n, size = 600, {"bump": 0.05}
+
+    def bump(x):  # (B, H, n, D): off at the last token of a 600-token call only
+        d = torch.zeros(x.shape, dtype=torch.float64)
+        if x.shape[2] == n:
+            d[0, 1, n - 1, 3] = size["bump"]
+        return d
+
+    nudge = {"dq": lambda q, k: (Nudge.apply(q, bump(q)), k), "dk": lambda q, k: (q, Nudge.apply(k, bump(k)))}[where]
     throwaway("late_grad", lambda q, k, v, p, s: naive(*nudge(q, k), v, p, s))
     c = cfg(tmp_path, impl="late_grad", mode="fwd_bwd", seq_len=n, heads=2, head_dim=16, window=8,
             exact_verify_bytes=0)  # fmt: skip
     row = measure(c)
     assert row["status"] == "wrong" and f"gradient n={n} {where}" in row["reason"], row["reason"]
     assert row["verified"].startswith("rows")
-    delta.zero_()
+    size["bump"] = 0.0
     assert measure(c)["status"] == "ok"
 
 
