@@ -131,18 +131,26 @@ TFLOPS = {"triton": 150, "flash_attn": 300, "flex": 100, "cupy": 25, "chunked": 
 DENSE = {"naive", "sdpa"}  # work n^2, whatever the pattern
 
 
+def _label(c: BenchConfig) -> str:
+    """One job, as the dry run and the log show it."""
+    return (f"{c.impl:13s} {c.dtype} B={c.batch} H={c.heads} D={c.head_dim:<3d} w={c.window} d={c.dilation} "
+            f"n={c.seq_len:<6d} {c.mode:7s}")  # fmt: skip
+
+
 def estimate_s(job: Job, compiled: set) -> float:
     """About how long ``job`` takes on an H100-class GPU (the dry run's plan check)."""
     from .registry import get_impl, required_features
-    from .results import MODE_WORK
+    from .results import base_row
 
     c = job.config
     impl = get_impl(c.impl)  # installed on the GPU machine or not, what it cannot do is a skipped row
     needs = required_features(c.pattern(), backward=c.mode != "fwd")
     if c.torch_dtype() not in impl.dtypes or any(f not in impl.features for f in needs):
         return 0.0
-    pairs = c.heads * c.seq_len**2 if c.impl in DENSE else c.pattern().pairs(c.seq_len, c.heads)
-    per_call = 4.0 * c.head_dim * pairs * c.batch * MODE_WORK[c.mode] / (TFLOPS.get(c.impl, 30) * 1e12)
+    work = base_row(c)["flops"]  # the pattern's useful work; a dense implementation does all n^2 pairs
+    if c.impl in DENSE:
+        work *= c.heads * c.seq_len**2 / c.pattern().pairs(c.seq_len, c.heads)
+    per_call = work / (TFLOPS.get(c.impl, 30) * 1e12)
     # Triton compiles per head_dim and dtype; flex per pattern (later shapes reuse a dynamic graph)
     key = (c.impl, c.mode, c.head_dim, c.dtype) if c.impl != "flex" else (c.impl, c.mode, c.dilation)
     compile_s = 0.0 if key in compiled else COMPILE_S.get((c.impl, c.mode), 0.0)
@@ -265,9 +273,8 @@ def run_stage(stage: str, jobs: list[Job], outdir: Path, deadline: float, state:
         c = dataclasses.replace(c, isolate=child, job_timeout_s=max(5.0, min(c.job_timeout_s, left)))
         row = sweep([c], progress=False, history=history)[0]
         t = row.get("time_ms_median")
-        log.info("  [%d/%d] %-13s %s D=%-3d d=%d n=%-6d %-7s %-7s %10s %s%s", i, len(jobs), c.impl, c.dtype,
-                 c.head_dim, c.dilation, c.seq_len, c.mode, row["status"], f"{t:.3f} ms" if t else "",
-                 "(child) " if child else "", str(row["reason"] or "")[:160])  # fmt: skip
+        log.info("  [%d/%d] %s %-5s %-7s %10s %s", i, len(jobs), _label(c), "child" if child else "", row["status"],
+                 f"{t:.3f} ms" if t else "", str(row["reason"] or "")[:160])  # fmt: skip
         fault = row["status"] == "error" and any(f in str(row["reason"]).lower() for f in CUDA_FAULTS)
         if fault and not child:
             state["poisoned"] = True
@@ -417,8 +424,7 @@ def dry_run(stages: list[str], budget: float, workers: int) -> int:
         print(f"  {stage} (allowance {allowed[stage]:.0f} s, ~{sum(times):.0f} s for {len(jobs)} jobs):")
         for i, (j, t) in enumerate(zip(jobs, times), 1):
             c, where = j.config, "child" if j.child else ""
-            print(f"    {i:3d} {c.impl:13s} {c.dtype} B={c.batch} H={c.heads} D={c.head_dim:<3d} w={c.window} "
-                  f"d={c.dilation} n={c.seq_len:<6d} {c.mode:7s} {where:5s} ~{t:.1f} s")  # fmt: skip
+            print(f"    {i:3d} {_label(c)} {where:5s} ~{t:.1f} s")
     if "tests" in stages:
         how = f"pytest -n {workers} --dist loadgroup" if importlib.util.find_spec("xdist") else "one process"
         rest = budget - SETUP_S - RESERVE_S - total
