@@ -1,15 +1,23 @@
 """The attention pattern: one definition from which the mask, the reference and the
 work counts derive.
 
-Convention (the Longformer paper's and Hugging Face's ``attention_window``):
+Convention:
 
-* ``window`` w is even; every query attends to w neighbours plus itself:
-  w/2 on each side, or, when ``causal``, the w keys to its left.
+* ``window`` is ``(left, right)``, FlashAttention's ``window_size``: query ``i`` may
+  attend to the ``left`` keys before it and the ``right`` keys after it (in steps of the
+  dilation), and to itself. An int ``w`` is the Longformer paper's and Hugging Face's
+  ``attention_window``: ``w`` neighbours besides itself, ``(w/2, w/2)`` (so ``w`` is
+  even), or ``(w, 0)`` when ``causal`` (any ``w``).
 * ``dilation`` d multiplies the step: key ``j`` is in query ``i``'s window iff
-  ``j = i + d*c`` for an integer ``c`` in ``[-w/2, w/2]`` (or ``[-w, 0]`` when causal)
-  and ``0 <= j < n``. Windows are truncated at the sequence edges, never shifted.
+  ``j = i + d*c`` for an integer ``c`` in ``[-left, right]`` and ``0 <= j < n``.
+  Windows are truncated at the sequence edges, never shifted.
 * ``global_tokens``: a global query attends to every key and every query attends to
-  every global key. ``causal`` forbids ``j > i`` everywhere, globals included.
+  every global key. ``causal`` forbids ``j > i`` everywhere, globals included, so a
+  causal window is ``(left, 0)`` whatever ``right`` was given.
+
+One pattern, one spelling: the window is kept in its shortest form, an int where an int
+says it (``(64, 64)`` is ``128``; ``(4095, 0)`` with ``causal`` is ``4095``), so equal
+patterns compare and hash equal and an int window's rows keep their labels.
 """
 
 from __future__ import annotations
@@ -41,15 +49,45 @@ def _is_int(x: object) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _canonical_window(w: object, causal: bool) -> int | tuple[int, int]:
+    """The window in its shortest form: an int where an int says it, else (left, right)."""
+    if isinstance(w, (list, tuple)):
+        if len(w) != 2 or not all(_is_int(x) and x >= 0 for x in w):
+            raise ValueError(
+                f"window={list(w)!r}: a (left, right) window is two ints >= 0, the keys before and after each query"
+            )
+        left, right = int(w[0]), int(w[1])
+    elif _is_int(w) and w >= 0:
+        if causal:
+            return int(w)  # (w, 0)
+        if w % 2:
+            raise ValueError(
+                f"window={w!r}: an int window is split w/2 per side, so it must be even unless causal; "
+                f"give (left, right) for an asymmetric window, e.g. window=[{w // 2 + 1},{w // 2}]"
+            )
+        return int(w)
+    else:
+        raise ValueError(
+            f"window={w!r}: must be an int >= 0 (neighbours per query besides itself) or (left, right), two ints >= 0"
+        )
+    if causal:
+        return left  # causal forbids every key to the right
+    return 2 * left if left == right else (left, right)
+
+
 @dataclass(frozen=True)
 class Pattern:
-    """A Longformer attention pattern: sliding window, dilation, causal, global tokens.
+    """A sliding-window attention pattern: window, dilation, causal, global tokens.
 
     Args:
-        window: even int >= 0, neighbours per query besides itself.
+        window: ``(left, right)`` ints >= 0, keys before and after each query (in steps of
+            the dilation), as FlashAttention's ``window_size``; or an int ``w``,
+            neighbours besides itself: ``(w/2, w/2)`` (``w`` even), ``(w, 0)`` when causal.
+            Kept in its shortest form (see the module docstring); :attr:`left` and
+            :attr:`right` are what every consumer reads.
         dilation: int >= 1, or a tuple of per-head ints (its length must equal the
             number of heads at call time).
-        causal: attend only to keys ``j <= i``; the window is then the w keys to the left.
+        causal: attend only to keys ``j <= i``; the window is then ``(left, 0)``.
         global_tokens: positions of global tokens; normalised to a sorted tuple of
             unique ints.
 
@@ -57,16 +95,16 @@ class Pattern:
         ValueError: naming the field, the value and what is allowed.
     """
 
-    window: int
+    window: int | tuple[int, int]
     dilation: int | tuple[int, ...] = 1
     causal: bool = False
     global_tokens: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        w = self.window
-        if not _is_int(w) or w < 0 or w % 2:
-            raise ValueError(f"window={w!r}: must be an even int >= 0 (neighbours per query besides itself)")
-        object.__setattr__(self, "window", int(w))
+        if not isinstance(self.causal, (bool,)) and not (_is_int(self.causal) and self.causal in (0, 1)):
+            raise ValueError(f"causal={self.causal!r}: must be a bool")
+        object.__setattr__(self, "causal", bool(self.causal))
+        object.__setattr__(self, "window", _canonical_window(self.window, self.causal))
 
         d = self.dilation
         if isinstance(d, (list, tuple)):
@@ -78,10 +116,6 @@ class Pattern:
         else:
             raise ValueError(f"dilation={d!r}: must be an int >= 1 or a tuple of per-head ints >= 1")
         object.__setattr__(self, "dilation", d)
-
-        if not isinstance(self.causal, (bool,)) and not (_is_int(self.causal) and self.causal in (0, 1)):
-            raise ValueError(f"causal={self.causal!r}: must be a bool")
-        object.__setattr__(self, "causal", bool(self.causal))
 
         g = self.global_tokens
         if g is None:
@@ -107,11 +141,26 @@ class Pattern:
         return max(self.dilation) if isinstance(self.dilation, tuple) else self.dilation
 
     @property
+    def left(self) -> int:
+        """Keys before each query in its window (in steps of the dilation)."""
+        w = self.window
+        return w[0] if isinstance(w, tuple) else w if self.causal else w // 2
+
+    @property
+    def right(self) -> int:
+        """Keys after each query in its window (in steps of the dilation); 0 when causal."""
+        w = self.window
+        return w[1] if isinstance(w, tuple) else 0 if self.causal else w // 2
+
+    @property
+    def span(self) -> int:
+        """Neighbours per query besides itself, ``left + right`` (an int window's ``w``)."""
+        return self.left + self.right
+
+    @property
     def offset_range(self) -> tuple[int, int]:
-        """Inclusive range ``(lo, hi)`` of the window index c; key = i + d*c."""
-        if self.causal:
-            return -self.window, 0
-        return -self.window // 2, self.window // 2
+        """Inclusive range ``(lo, hi) = (-left, right)`` of the window index c; key = i + d*c."""
+        return -self.left, self.right
 
     def dilations(self, heads: int) -> tuple[int, ...]:
         """Per-head dilations for ``heads`` heads (checks a per-head tuple's length)."""
@@ -142,9 +191,10 @@ class Pattern:
             raise ValueError(f"dilation={self.dilation!r}: a per-head dilation needs heads=")
 
     def describe(self) -> str:
-        """Short human label, e.g. ``w512 d2 causal g1``."""
+        """Short human label, e.g. ``w512 d2 causal g1``, ``w[3,1]`` for (left, right)."""
         d = self.dilation
-        s = f"w{self.window}"
+        w = self.window
+        s = f"w[{w[0]},{w[1]}]" if isinstance(w, tuple) else f"w{w}"
         if d != 1:
             s += " d" + ("/".join(map(str, d)) if isinstance(d, tuple) else str(d))
         if self.causal:

@@ -139,8 +139,14 @@ def _explain_patterns(patterns: Iterable[str]) -> str:
     """What the pattern labels' parts mean, for the ones shown."""
     words = {w for p in patterns for w in p.split()}
     parts = []
-    if any(re.fullmatch(r"w\d+", w) for w in words):
-        parts.append("w512 = window 512 (256 keys each side)")
+    ints = sorted(int(w[1:]) for w in words if re.fullmatch(r"w\d+", w))
+    if ints:
+        w = ints[-1]
+        parts.append(f"w{w} = window {w} ({w // 2} keys each side, or the {w} before when causal)")
+    pairs = sorted(w for w in words if re.fullmatch(r"w\[\d+,\d+\]", w))
+    if pairs:
+        left, right = pairs[-1][2:-1].split(",")
+        parts.append(f"{pairs[-1]} = {left} keys before each query, {right} after")
     if any(re.fullmatch(r"d[\d/]+", w) for w in words):
         parts.append("d2 = dilation 2 (per head: 1/2/...)")
     if "causal" in words:

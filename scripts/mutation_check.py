@@ -47,8 +47,8 @@ MUTATIONS = [
         "window-wider",
         "every window reaches one key further to the right",
         "attnbench/pattern.py",
-        "return -self.window // 2, self.window // 2",
-        "return -self.window // 2, self.window // 2 + 1",
+        "return -self.left, self.right",
+        "return -self.left, self.right + 1",
         ("tests/test_pattern.py", "tests/test_pattern_properties.py"),
     ),
     Mutation(

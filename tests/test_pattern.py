@@ -94,11 +94,14 @@ def test_normalisation():
 @pytest.mark.parametrize(
     "kwargs, field, allowed",
     [
-        ({"window": 3}, "window=3", "even int >= 0"),
-        ({"window": -2}, "window=-2", "even int >= 0"),
-        ({"window": 2.0}, "window=2.0", "even int >= 0"),
-        ({"window": True}, "window=True", "even int >= 0"),
-        ({"window": "4"}, "window='4'", "even int >= 0"),
+        ({"window": 3}, "window=3", "must be even unless causal"),
+        ({"window": -2}, "window=-2", "an int >= 0"),
+        ({"window": 2.0}, "window=2.0", "an int >= 0"),
+        ({"window": True}, "window=True", "an int >= 0"),
+        ({"window": "4"}, "window='4'", "an int >= 0"),
+        ({"window": (-1, 3)}, "window=[-1, 3]", "two ints >= 0"),
+        ({"window": (1, 2, 3)}, "window=[1, 2, 3]", "two ints >= 0"),
+        ({"window": (1.0, 2)}, "window=[1.0, 2]", "two ints >= 0"),
         ({"window": 2, "dilation": 0}, "dilation=0", "int >= 1"),
         ({"window": 2, "dilation": 1.5}, "dilation=1.5", "int >= 1"),
         ({"window": 2, "dilation": (1, 0)}, "dilation=(1, 0)", "ints >= 1"),
@@ -113,6 +116,46 @@ def test_invalid_values_name_field_value_and_rule(kwargs, field, allowed):
     with pytest.raises(ValueError) as e:
         Pattern(**kwargs)
     assert field in str(e.value) and allowed in str(e.value)
+
+
+def test_hand_drawn_asymmetric_window():
+    # (left, right) = (2, 1): two keys before, one after, truncated at the edges
+    expect = drawn(
+        """
+        x x . . . .
+        x x x . . .
+        x x x x . .
+        . x x x x .
+        . . x x x x
+        . . . x x x
+        """
+    )
+    assert torch.equal(Pattern((2, 1)).mask(6), expect)
+    # dilation 2: keys i - 4, i - 2, i, i + 2
+    m = Pattern((2, 1), dilation=2).mask(9)
+    assert m[4].nonzero().flatten().tolist() == [0, 2, 4, 6]
+
+
+@pytest.mark.parametrize(
+    "given, causal, left, right, window, label",
+    [
+        (512, False, 256, 256, 512, "w512"),
+        ((256, 256), False, 256, 256, 512, "w512"),
+        (4095, True, 4095, 0, 4095, "w4095 causal"),
+        ((4095, 0), True, 4095, 0, 4095, "w4095 causal"),
+        ((4095, 7), True, 4095, 0, 4095, "w4095 causal"),  # causal forbids every key to the right
+        ((3, 1), False, 3, 1, (3, 1), "w[3,1]"),
+        ([0, 5], False, 0, 5, (0, 5), "w[0,5]"),
+        ((4095, 0), False, 4095, 0, (4095, 0), "w[4095,0]"),  # not causal: no key after, but not causal
+    ],
+)
+def test_left_right_and_the_shortest_form(given, causal, left, right, window, label):
+    """FlashAttention's (left, right) and the int window are one convention: an int w is
+    (w/2, w/2), or (w, 0) when causal; the shortest spelling is kept."""
+    p = Pattern(given, causal=causal)
+    assert (p.left, p.right, p.window, p.describe()) == (left, right, window, label)
+    assert p.offset_range == (-left, right) and p.span == left + right
+    assert p == Pattern(window, causal=causal)
 
 
 def test_global_out_of_range_and_per_head_length():
