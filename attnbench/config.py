@@ -32,12 +32,13 @@ class BenchConfig:
 
     impl: str = "chunked"  # a name from attnbench.list_impls()
     seq_len: int | None = None  # None: 16384 on CUDA, 4096 on the CPU
-    window: int = 512  # even; neighbours per query besides itself
+    window: Any = 512  # neighbours per query besides itself (w/2 a side; (w, 0) causal), or [left, right]
     dilation: Any = 1  # int >= 1, or one int per head
     global_tokens: Any = field(default_factory=list)  # positions (one int: one position)
     causal: bool = False
     batch: int = 1
     heads: int = 12
+    kv_heads: int | None = None  # key/value heads, dividing heads (grouped-query attention); None: heads
     head_dim: int = 64
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on the CPU
     device: str = "auto"  # auto: cuda when present
@@ -75,6 +76,11 @@ class BenchConfig:
             _RULES[f.name](f.name, getattr(self, f.name))
         if self.max_reps < self.min_reps:
             raise ValueError(f"max_reps={self.max_reps!r}: must be >= min_reps={self.min_reps}")
+        if self.kv_heads is not None and self.heads % self.kv_heads:
+            raise ValueError(
+                f"kv_heads={self.kv_heads!r}: must divide heads={self.heads} "
+                "(each key/value head serves heads / kv_heads query heads)"
+            )
         from .registry import get_impl
 
         get_impl(self.impl)  # unknown: ValueError naming the choices
@@ -100,8 +106,10 @@ class BenchConfig:
             c.seq_len = 16384 if c.device == "cuda" else 4096
             c.pattern().validate(c.seq_len, c.heads)
         c.study = c.study.replace("{device}", device_tag(c.device))
+        c.kv_heads = c.heads if c.kv_heads is None else c.kv_heads
         c.isolate = str(c.isolate).lower() != "false"
         p = c.pattern()
+        c.window = list(p.window) if isinstance(p.window, tuple) else p.window  # the shortest form
         c.dilation, c.global_tokens = p.dilation, list(p.global_tokens)
         return c
 
@@ -110,7 +118,8 @@ class BenchConfig:
         d = self.dilation
         if isinstance(d, (list, tuple)) and len(d) == 1:
             d = d[0]  # one entry: every head
-        return Pattern(self.window, tuple(d) if isinstance(d, list) else d, self.causal, self.global_tokens)
+        w = tuple(self.window) if isinstance(self.window, list) else self.window
+        return Pattern(w, tuple(d) if isinstance(d, list) else d, self.causal, self.global_tokens)
 
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[parse_dtype(self.dtype)]
@@ -222,6 +231,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "causal": _bool,
     "batch": _int(1),
     "heads": _int(1),
+    "kv_heads": _int(1, optional=True),
     "head_dim": _int(1),
     "dtype": _dtype,
     "device": _choice(DEVICES),

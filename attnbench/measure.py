@@ -69,7 +69,7 @@ class Case:
     impl: Impl
     pattern: Pattern
     q: torch.Tensor  # (B, H, n, D)
-    k: torch.Tensor
+    k: torch.Tensor  # (B, H_kv, n, D)
     v: torch.Tensor
     dout: torch.Tensor | None  # output cotangent, bwd modes only
     scale: float
@@ -80,13 +80,14 @@ class Case:
         dev = torch.device(c.device)
         gen = torch.Generator(device=dev).manual_seed(c.seed)
         shape = (c.batch, c.heads, c.seq_len, c.head_dim)
+        kv_shape = (c.batch, c.heads if c.kv_heads is None else c.kv_heads, c.seq_len, c.head_dim)
         grad = c.mode != "fwd"
 
-        def draw() -> torch.Tensor:
+        def draw(shape: tuple[int, ...]) -> torch.Tensor:
             return torch.randn(shape, generator=gen, device=dev, dtype=c.torch_dtype())
 
-        q, k, v = (draw().requires_grad_(grad) for _ in range(3))
-        dout = draw() if grad else None
+        q, k, v = (draw(s).requires_grad_(grad) for s in (shape, kv_shape, kv_shape))
+        dout = draw(shape) if grad else None
         return cls(c, impl, c.pattern(), q, k, v, dout, default_scale(c.head_dim))
 
     @property
@@ -94,7 +95,7 @@ class Case:
         return self.q.device
 
     def forward(self) -> torch.Tensor:
-        return self.impl.fn(self.q, self.k, self.v, self.pattern, self.scale)
+        return self.impl.call(self.q, self.k, self.v, self.pattern, self.scale)
 
     def contract(self, out: torch.Tensor) -> None:
         """The registry's contract, checked on the first call (plugins too)."""
@@ -161,7 +162,7 @@ def verify(case: Case, out: torch.Tensor) -> dict:
     the bwd modes. Returns the row's verification fields; raises :class:`Wrong`."""
     c = case.config
     B, H, n, D = case.q.shape
-    dense = B * H * n * n * 8 * 3  # the float64 scores, probabilities and mask
+    dense = B * H * n * n * 8 * 3  # the float64 scores, probabilities and mask (k, v repeated: O(n))
     sampled = sample_rows(n, case.pattern, c.verify_rows, c.seed + 1)
     exact = dense <= c.exact_verify_bytes
     rows = None if exact else sampled
@@ -183,7 +184,7 @@ def _verify_grads(case: Case, rows: list[int] | None, fields: dict) -> None:
     """The gradients at the measured size: every entry, or those the sampled ``rows``
     reach (one more forward and backward of the implementation); into ``fields``."""
     p = case.pattern
-    verdicts = check_grads(lambda *x: case.impl.fn(*x, p, case.scale), case.q, case.k, case.v, p, case.dout,
+    verdicts = check_grads(lambda *x: case.impl.call(*x, p, case.scale), case.q, case.k, case.v, p, case.dout,
                            case.scale, f"n={case.config.seq_len}", rows)  # fmt: skip
     worst = max(verdicts, key=lambda x: (not x.ok, x.max_err))
     fields["grad_max_abs_err"] = max(x.max_err for x in verdicts)

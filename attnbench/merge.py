@@ -37,14 +37,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import BenchConfig
-from .results import normalise, positions_text
+from .results import ADDED, normalise, positions_text, window_value
 from .tables import ROWS_SUFFIX, merge_into, read_rows, read_table, row_file_paths
 
 __all__ = ["merge", "find_sources", "Source", "write_plan", "missing"]
 
 #: what a plan entry says of a configuration (a value of "" or "auto" is left to the job's machine)
-PLAN_COLUMNS = ("study", "impl", "window", "dilation", "causal", "global_positions", "batch", "heads", "seq_len",
-                "head_dim", "dtype", "device", "mode")  # fmt: skip
+PLAN_COLUMNS = ("study", "impl", "window", "dilation", "causal", "global_positions", "batch", "heads", "kv_heads",
+                "seq_len", "head_dim", "dtype", "device", "mode")  # fmt: skip
 
 
 @dataclass
@@ -69,7 +69,8 @@ def write_plan(configs: Iterable[BenchConfig]) -> list[Path]:
         d = p.dilation
         entry = {k: getattr(c, k) for k in ("study", "impl", "batch", "heads", "head_dim", "dtype", "device", "mode")}
         entry.update(
-            window=p.window,
+            window=window_value(p.window),
+            kv_heads=c.heads if c.kv_heads is None else c.kv_heads,
             dilation="/".join(map(str, d)) if isinstance(d, tuple) else str(d),
             causal=p.causal,
             global_positions=positions_text(p.global_tokens),
@@ -101,9 +102,13 @@ def missing(study: str, results_dir: Path, rows: Iterable[Mapping]) -> list[dict
     """Plan entries of ``study`` that no row measures (on the columns the entry fixes)."""
     keys = PLAN_COLUMNS[1:]  # all but the study
     measured = [{k: normalise(k, r.get(k)) for k in keys} for r in rows]  # normalised once
+    for m in measured:
+        for col, then in ADDED.items():  # rows of a table that predates the column
+            if m.get(col) is None:
+                m[col] = then(m)
     out = []
     for e in _planned_for(study, results_dir):
-        fixed = {k: normalise(k, e[k]) for k in keys if str(e[k]) not in ("", "auto")}
+        fixed = {k: normalise(k, e.get(k, "")) for k in keys if str(e.get(k, "")) not in ("", "auto")}
         if not any(all(m[k] == v for k, v in fixed.items()) for m in measured) and e not in out:
             out.append(e)
     return out

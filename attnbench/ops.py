@@ -8,7 +8,25 @@ import torch
 
 from .pattern import Pattern
 
-__all__ = ["head_groups", "gather_heads", "scatter_heads", "index_tensor", "global_index", "cuda_probe", "module_probe"]
+__all__ = [
+    "repeat_kv",
+    "head_groups",
+    "gather_heads",
+    "scatter_heads",
+    "index_tensor",
+    "global_index",
+    "cuda_probe",
+    "module_probe",
+]
+
+
+def repeat_kv(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Key/value heads repeated for grouped-query attention: ``(B, H_kv, n, D)`` ->
+    ``(B, heads, n, D)``, query head ``h`` reading key/value head ``h // (heads // H_kv)``
+    (the convention of Hugging Face's ``repeat_kv`` and FlashAttention). Differentiable:
+    the gradient sums over each group. ``x`` itself when H_kv == heads."""
+    group = heads // x.shape[1]
+    return x if group == 1 else x.repeat_interleave(group, dim=1)
 
 
 def head_groups(pattern: Pattern, heads: int) -> list[tuple[int, list[int]]]:

@@ -1,6 +1,9 @@
 """The oracle: dense masked softmax attention, derived from ``Pattern.mask``.
 
-    out[b, h, i] = sum_j softmax_j(scale * q[b,h,i] . k[b,h,j] | mask[h,i,j]) v[b,h,j]
+    out[b, h, i] = sum_j softmax_j(scale * q[b,h,i] . k[b,g,j] | mask[h,i,j]) v[b,g,j]
+
+with ``g = h // (H / H_kv)`` the key/value head of query head ``h`` (``g = h`` without
+grouped-query attention).
 
 In float64 by default (``upcast=True``). With ``upcast=False`` the same formula runs
 in the inputs' dtype, softmax in at least float32: the *control*, PyTorch's own
@@ -20,6 +23,7 @@ import math
 
 import torch
 
+from .ops import repeat_kv
 from .pattern import Pattern
 
 __all__ = ["reference", "reference_rows", "default_scale"]
@@ -33,7 +37,8 @@ def default_scale(head_dim: int, scale: float | None = None) -> float:
 def _masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, upcast: bool
 ) -> torch.Tensor:
-    # q (B, H, R, D), k/v (B, H, n, D), mask (H, R, n) -> (B, H, R, D)
+    # q (B, H, R, D), k/v (B, H_kv, n, D), mask (H, R, n) -> (B, H, R, D)
+    k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # query head h reads kv head h // (H / H_kv)
     if upcast:
         q, k, v = q.double(), k.double(), v.double()
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, R, n)
@@ -59,7 +64,8 @@ def reference(
     """Dense masked attention, float64 unless ``upcast=False``.
 
     Args:
-        q, k, v: ``(batch, heads, seq, head_dim)``, any float dtype.
+        q: ``(batch, heads, seq, head_dim)``; k, v: ``(batch, kv_heads, seq, head_dim)``,
+            ``kv_heads`` dividing ``heads`` (grouped-query attention); any float dtype.
         upcast: compute in float64 (the oracle); False: in the inputs' dtype (the control).
     Returns:
         ``(batch, heads, seq, head_dim)``, float64 (or the inputs' dtype). Differentiable,

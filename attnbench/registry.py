@@ -6,8 +6,13 @@ registers one implementation with :func:`register`; other packages add theirs th
 first queried, and they import optional packages (triton, cupy, flash-attn,
 transformers) inside their functions, so ``import attnbench`` needs torch alone.
 
-An implementation is a function ``fn(q, k, v, pattern, scale) -> out`` with
-q, k, v, out of shape ``(batch, heads, seq, head_dim)`` in one dtype and device.
+An implementation is a function ``fn(q, k, v, pattern, scale) -> out`` with q and out
+of shape ``(batch, heads, seq, head_dim)`` and k, v ``(batch, kv_heads, seq, head_dim)``
+in one dtype and device, where ``kv_heads`` divides ``heads`` and query head ``h``
+reads key/value head ``h // (heads // kv_heads)`` (grouped-query attention; multi-query
+when ``kv_heads == 1``). An implementation registered with ``native_gqa=True`` reads
+grouped k, v itself; for the others :meth:`Impl.call` repeats k and v per query head
+before the call (inside it, so its memory shows in the measurement).
 What it supports is data (:class:`Impl`); :meth:`Impl.not_supported_reasons` lists
 every reason a call cannot run, and nothing falls back silently. What an
 implementation chose for its last call (a block mask's build time, autotuned block
@@ -25,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .dtypes import dtype_name
+from .ops import repeat_kv
 from .pattern import Pattern
 from .reference import default_scale
 
@@ -41,8 +47,9 @@ __all__ = [
     "available_impls",
 ]
 
-#: Features an implementation may declare.
-FEATURES = ("dilation", "per_head_dilation", "global_tokens", "causal", "backward")
+#: Features an implementation may declare. ``asymmetric_window``: a non-causal window
+#: whose sides differ, ``(left, right)`` with ``left != right``.
+FEATURES = ("dilation", "per_head_dilation", "global_tokens", "causal", "asymmetric_window", "backward")
 
 ImplFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Pattern, float], torch.Tensor]
 
@@ -81,6 +88,8 @@ class Impl:
         report: ``report() -> dict``, what the last call chose, for the result row:
             ``setup_ms`` (per-shape set-up it built and cached, e.g. a block mask; 0.0
             when it came from the cache) and ``tunables`` (e.g. autotuned block sizes).
+        native_gqa: ``fn`` reads k, v with fewer heads than q itself; otherwise
+            :meth:`call` repeats them per query head first.
     """
 
     name: str
@@ -97,6 +106,28 @@ class Impl:
     slow_on_cpu: bool = False
     interpreted_on_cpu: bool = False
     report: Callable[[], dict] | None = None
+    native_gqa: bool = False
+
+    def call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+        """``fn`` as every caller runs it: k, v ``(B, H_kv, n, D)`` repeated to q's heads
+        first unless the implementation reads grouped heads natively. No checks: see
+        :func:`attention` for the checked entry point."""
+        if k.shape[1] != q.shape[1] and not self.native_gqa:
+            k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+        return self.fn(q, k, v, pattern, scale)
+
+    def estimate_memory(
+        self, B: int, H: int, H_kv: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool
+    ) -> float | None:
+        """The implementation's estimate of the bytes a call allocates beyond its inputs
+        (None: it gives none), plus the repeated k, v (and their gradients) where
+        :meth:`call` repeats them."""
+        if self.memory is None:
+            return None
+        est = float(self.memory(B, H, n, D, esize, pattern, backward))
+        if H_kv != H and not self.native_gqa:
+            est += 2 * B * H * n * D * esize * (2 if backward else 1)
+        return est
 
     def last_call(self) -> dict:
         """What the last call chose (:attr:`report`): ``setup_ms`` and ``tunables``
@@ -155,6 +186,8 @@ def required_features(pattern: Pattern, backward: bool = False) -> list[str]:
         need.append("global_tokens")
     if pattern.causal:
         need.append("causal")
+    elif pattern.left != pattern.right:
+        need.append("asymmetric_window")
     if backward:
         need.append("backward")
     return need
@@ -184,6 +217,7 @@ def register(
     slow_on_cpu: bool = False,
     interpreted_on_cpu: bool = False,
     report: Callable[[], dict] | None = None,
+    native_gqa: bool = False,
 ) -> Callable[[ImplFn], ImplFn]:
     """Decorator registering ``fn(q, k, v, pattern, scale) -> out`` under ``name``.
 
@@ -215,6 +249,7 @@ def register(
             slow_on_cpu=slow_on_cpu,
             interpreted_on_cpu=interpreted_on_cpu,
             report=report,
+            native_gqa=native_gqa,
         )
         return fn
 
@@ -302,6 +337,7 @@ def describe() -> list[dict]:
                 "devices": ",".join(im.devices),
                 "dtypes": ",".join(dtype_name(t) for t in im.dtypes),
                 "features": ",".join(f for f in FEATURES if f in im.features),
+                "gqa": "native" if im.native_gqa else "repeats k, v",
                 "description": im.description,
             }
         )
@@ -314,6 +350,7 @@ def describe() -> list[dict]:
                 "devices": "",
                 "dtypes": "",
                 "features": "",
+                "gqa": "",
                 "description": "",
             }
         )
@@ -331,16 +368,17 @@ def validate_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
             raise ValueError(f"{name}: expected 4 dims (batch, heads, seq, head_dim), got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise ValueError(f"{name}: expected a floating dtype (fp64, fp32, fp16, bf16), got {t.dtype}")
-    if not (q.shape == k.shape == v.shape):
+    B, H, n, D = q.shape
+    H_kv = k.shape[1]
+    if k.shape != v.shape or k.shape[0] != B or k.shape[2:] != q.shape[2:] or H_kv < 1 or H % H_kv:
         raise ValueError(
-            f"q, k, v must have the same shape (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}"
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: q must be (batch, heads, seq, head_dim) "
+            "and k, v both (batch, kv_heads, seq, head_dim) with kv_heads dividing heads"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must have the same dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on the same device; got {q.device}, {k.device}, {v.device}")
-    B, H, n, D = q.shape
     if B < 1 or H < 1 or n < 1 or D < 1:
         raise ValueError(f"q: every dimension must be >= 1, got shape {tuple(q.shape)}")
     pattern.validate(n, H)
@@ -354,10 +392,12 @@ def attention(
     impl: str = "chunked",
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Longformer attention with the named implementation.
+    """Sliding-window attention with the named implementation.
 
     Args:
-        q, k, v: ``(batch, heads, seq, head_dim)``, same dtype and device.
+        q: ``(batch, heads, seq, head_dim)``; k, v: ``(batch, kv_heads, seq, head_dim)``
+            with ``kv_heads`` dividing ``heads`` (query head h reads key/value head
+            ``h // (heads // kv_heads)``); one dtype and device.
         pattern: the :class:`Pattern`.
         impl: a name from :func:`list_impls`.
         scale: softmax scale, ``1/sqrt(head_dim)`` by default.
@@ -373,7 +413,7 @@ def attention(
     reasons = im.not_supported_reasons(pattern, device=q.device, dtype=q.dtype, backward=backward, q=q)
     if reasons:
         raise UnsupportedError(impl, reasons)
-    out = im.fn(q, k, v, pattern, default_scale(q.shape[-1], scale))
+    out = im.call(q, k, v, pattern, default_scale(q.shape[-1], scale))
     if out.shape != q.shape or out.dtype != q.dtype:  # a contract, enforced for plugins too
         raise RuntimeError(
             f"impl={impl!r} returned shape {tuple(out.shape)} dtype {out.dtype}; expected {tuple(q.shape)} {q.dtype}"

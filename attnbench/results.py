@@ -26,13 +26,25 @@ import torch
 
 from .config import BenchConfig
 
-__all__ = ["COLUMNS", "STATUSES", "IDENTITY", "base_row", "identity", "normalise", "positions_text", "format_rows"]
+__all__ = [
+    "COLUMNS",
+    "STATUSES",
+    "IDENTITY",
+    "ADDED",
+    "base_row",
+    "window_value",
+    "identity",
+    "normalise",
+    "positions_text",
+    "format_rows",
+]
 
 STATUSES = ("ok", "wrong", "oom", "skipped", "error")
 
 COLUMNS = [
-    "study", "impl", "model", "pattern", "window", "dilation", "causal", "global_tokens", "global_positions",
-    "batch", "heads", "seq_len", "head_dim", "dtype", "device", "device_name", "mode",
+    "study", "impl", "model", "pattern", "window", "window_left", "window_right", "dilation", "causal",
+    "global_tokens", "global_positions", "batch", "heads", "kv_heads", "seq_len", "head_dim", "dtype", "device",
+    "device_name", "mode",
     "status", "reason",
     "time_ms_median", "time_ms_iqr", "time_ms_min", "first_call_ms", "setup_ms", "n_timed", "timer",
     "peak_mem_bytes", "mem_estimate_bytes", "flops", "tflops",
@@ -45,10 +57,13 @@ COLUMNS = [
 #: the library versions (not the host, not the time)
 IDENTITY = (
     "study", "impl", "model", "pattern", "window", "dilation", "causal", "global_positions", "batch", "heads",
-    "seq_len", "head_dim", "dtype", "device", "device_name", "mode", "threads",
+    "kv_heads", "seq_len", "head_dim", "dtype", "device", "device_name", "mode", "threads",
     "torch_version", "triton_version", "cupy_version",
 )  # fmt: skip
-_INT_COLUMNS = {"window", "batch", "heads", "seq_len", "head_dim", "threads"}
+#: identity columns a table written before they existed may lack, and what they were then
+#: (a function of the row's other normalised values)
+ADDED = {"kv_heads": lambda v: v["heads"]}
+_INT_COLUMNS = {"window_left", "window_right", "batch", "heads", "kv_heads", "seq_len", "head_dim", "threads"}
 
 
 # ---------------------------------------------------------------------- environment
@@ -108,6 +123,12 @@ def positions_text(tokens: Sequence[int]) -> str:
 MODE_WORK = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
 
 
+def window_value(window: int | tuple[int, int]) -> int | str:
+    """The ``window`` column: an int window as itself, ``(left, right)`` as ``[left,right]``
+    (the override that measures it again)."""
+    return f"[{window[0]},{window[1]}]" if isinstance(window, tuple) else window
+
+
 def base_row(c: BenchConfig) -> dict:
     """The row of a resolved configuration before anything is measured: what, where and
     the useful work (``4 * head_dim`` FLOPs per attended pair, from the pattern's exact
@@ -119,13 +140,16 @@ def base_row(c: BenchConfig) -> dict:
         "study": c.study,
         "impl": c.impl,
         "pattern": p.describe(),
-        "window": p.window,
+        "window": window_value(p.window),
+        "window_left": p.left,
+        "window_right": p.right,
         "dilation": "/".join(map(str, d)) if isinstance(d, tuple) else str(d),
         "causal": p.causal,
         "global_tokens": len(p.global_tokens),
         "global_positions": positions_text(p.global_tokens),
         "batch": c.batch,
         "heads": c.heads,
+        "kv_heads": c.heads if c.kv_heads is None else c.kv_heads,
         "seq_len": c.seq_len,
         "head_dim": c.head_dim,
         "dtype": c.dtype,
@@ -136,7 +160,7 @@ def base_row(c: BenchConfig) -> dict:
         # useful attention work; none for a whole model, whose work is mostly elsewhere
         "flops": None
         if c.model_layers
-        else 4.0 * c.head_dim * p.pairs(c.seq_len, c.heads) * c.batch * MODE_WORK[c.mode],
+        else 4.0 * c.head_dim * p.pairs(c.seq_len, c.heads) * c.batch * MODE_WORK[c.mode],  # query heads' pairs
         "status": "",
         "reason": "",
         "threads": torch.get_num_threads() if c.threads is None else c.threads,
@@ -154,6 +178,12 @@ def normalise(col: str, v: object) -> object:
     if col in _INT_COLUMNS:
         s = str(v).strip()
         return int(float(s)) if s else None
+    if col == "window":  # an int, or [left,right]
+        s = "".join(str(v).split())
+        try:
+            return str(int(float(s)))
+        except ValueError:
+            return s
     if col == "causal":
         return str(v).strip().lower() in ("true", "1")
     return str(v).strip()
@@ -161,8 +191,13 @@ def normalise(col: str, v: object) -> object:
 
 def identity(row: Mapping) -> tuple:
     """The identity of a measurement (:data:`IDENTITY`), normalised so that a row read
-    back from a CSV file equals the row as measured."""
-    return tuple(normalise(c, row.get(c)) for c in IDENTITY)
+    back from a CSV file equals the row as measured; a column a table lacks because it
+    predates it (:data:`ADDED`) has the value it had then."""
+    v = {c: normalise(c, row.get(c)) for c in IDENTITY}
+    for col, then in ADDED.items():
+        if v[col] in (None, ""):
+            v[col] = then(v)
+    return tuple(v[c] for c in IDENTITY)
 
 
 # ---------------------------------------------------------------------- console

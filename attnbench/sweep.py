@@ -85,7 +85,8 @@ def memory_budget(c: BenchConfig) -> int:
 
 def _inputs_bytes(c: BenchConfig) -> float:
     esize = torch.empty(0, dtype=c.torch_dtype()).element_size()
-    return 3 * c.batch * c.heads * c.seq_len * c.head_dim * esize * (3 if c.mode != "fwd" else 1)
+    heads = c.heads + 2 * (c.heads if c.kv_heads is None else c.kv_heads)  # q, and the smaller k, v
+    return heads * c.batch * c.seq_len * c.head_dim * esize * (3 if c.mode != "fwd" else 1)
 
 
 def _exponent(points: list[tuple[int, float]], default: float, high: float) -> float:
@@ -113,11 +114,12 @@ def predict_memory(c: BenchConfig, impl: Impl, series: list[dict]) -> tuple[floa
         n1, m1 = pts[-1]
         e = _exponent(pts, 2.0, high=2.0)  # attention needs at most quadratic memory
         return m1 * (c.seq_len / n1) ** e + _inputs_bytes(c), f"from n={n1}, exponent {e:.1f}"
-    if impl.memory is None or c.model_layers:  # the estimate is of the attention call alone
+    if c.model_layers:  # the estimate is of the attention call alone
         return None, ""
     esize = torch.empty(0, dtype=c.torch_dtype()).element_size()
-    est = impl.memory(c.batch, c.heads, c.seq_len, c.head_dim, esize, c.pattern(), c.mode != "fwd")
-    return float(est) + _inputs_bytes(c), "estimate"
+    kv = c.heads if c.kv_heads is None else c.kv_heads
+    est = impl.estimate_memory(c.batch, c.heads, kv, c.seq_len, c.head_dim, esize, c.pattern(), c.mode != "fwd")
+    return (None, "") if est is None else (est + _inputs_bytes(c), "estimate")
 
 
 def _predict_time(c: BenchConfig, series: list[dict], fwd: list[dict]) -> str | None:
@@ -260,7 +262,7 @@ def _measure_isolated(c: BenchConfig, impl: Impl) -> dict:
 def _series_key(c: BenchConfig, mode: str | None = None) -> tuple:
     """What a series shares (all but n); ``mode`` to name a sibling series."""
     return (str(table_path(c)), c.impl, c.model_layers, c.pattern(), c.dtype, mode or c.mode, c.device, c.batch,
-            c.heads, c.head_dim, c.threads)  # fmt: skip
+            c.heads, c.kv_heads, c.head_dim, c.threads)  # fmt: skip
 
 
 def _measure(c: BenchConfig, impl: Impl, series: list[dict], fwd: list[dict] = ()) -> dict:

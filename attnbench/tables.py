@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .config import BenchConfig
-from .results import COLUMNS, IDENTITY, identity
+from .results import ADDED, COLUMNS, IDENTITY, identity
 
 log = logging.getLogger("attnbench")
 
@@ -88,7 +88,7 @@ def check_writable(path: Path) -> None:
             raise ValueError(f"{path}: not writable; choose another results_dir= or study=")
         with open(path, newline="") as f:
             header = next(csv.reader([f.readline()]), [])
-        missing = [k for k in IDENTITY if k not in header]
+        missing = [k for k in IDENTITY if k not in header and k not in ADDED]
         if missing:  # newer columns are added when a row is appended; these say what was measured
             raise ValueError(
                 f"{path}: not a results table of this attnbench (its header lacks {missing}); "
@@ -275,8 +275,9 @@ def report_written(prog: str, write: Callable[[], Iterable[Path]]) -> int:
 REQUIRED = ("impl", "seq_len", "status")
 #: numeric columns, as floats (NaN where empty)
 NUMERIC = (
-    "window", "global_tokens", "batch", "heads", "head_dim", "time_ms_median", "time_ms_iqr", "time_ms_min",
-    "first_call_ms", "n_timed", "peak_mem_bytes", "flops", "tflops", "max_abs_err", "mean_abs_err", "threads",
+    "window_left", "window_right", "global_tokens", "batch", "heads", "kv_heads", "head_dim", "time_ms_median",
+    "time_ms_iqr", "time_ms_min", "first_call_ms", "n_timed", "peak_mem_bytes", "flops", "tflops", "max_abs_err",
+    "mean_abs_err", "threads",
 )  # fmt: skip
 
 
@@ -331,6 +332,7 @@ def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
     for col in set(COLUMNS) - set(df.columns):
         df[col] = ""
     df["status"] = df["status"].str.strip().str.lower()
+    df["kv_heads"] = df["kv_heads"].where(df["kv_heads"].str.strip() != "", df["heads"])  # tables before GQA
     df["seq_len"] = pd.to_numeric(df["seq_len"]).astype("int64")
     for col in NUMERIC:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")

@@ -15,11 +15,14 @@ from attnbench.verify import check_grads, check_output
 DEVICE = "cuda" if os.environ.get("ATTNBENCH_TEST_DEVICE") == "cuda" else "cpu"
 
 
-def rand_qkv(B: int, H: int, n: int, D: int, dtype: torch.dtype, seed: int = 0, requires_grad: bool = False):
+def rand_qkv(B: int, H: int, n: int, D: int, dtype: torch.dtype, seed: int = 0, requires_grad: bool = False,
+             kv_heads: int | None = None):  # fmt: skip
+    """q ``(B, H, n, D)`` and k, v ``(B, kv_heads, n, D)`` (default ``H``), drawn in float64
+    and rounded to ``dtype``."""
     g = torch.Generator().manual_seed(seed)
     out = []
-    for _ in range(3):
-        t = torch.randn(B, H, n, D, generator=g, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
+    for heads in (H, kv_heads or H, kv_heads or H):
+        t = torch.randn(B, heads, n, D, generator=g, dtype=torch.float64).to(device=DEVICE, dtype=dtype)
         out.append(t.requires_grad_(requires_grad))
     return out
 

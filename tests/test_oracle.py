@@ -65,3 +65,22 @@ def test_naive_and_the_control_agree_with_the_reference(dtype):
         for what, t in (("naive", naive), ("control", control)):
             err = (t.double() - ref).abs().max().item()
             assert err <= BOUND[dtype], f"{what} {case}: max abs diff {err:.3e} > {BOUND[dtype]:.1e}"
+
+
+def test_grouped_query_reference_reads_head_h_over_group():
+    """Grouped-query attention: query head h of 8 reads key/value head h // 4 of 2, and
+    the reference's gradient of a key/value head sums over its query heads."""
+    p = Pattern((3, 1), 2, False, (4,))
+    q, k, v = rand_qkv(2, 8, 19, 8, torch.float64, kv_heads=2, requires_grad=True)
+    out = attnbench.reference(q, k, v, p)
+    for h in range(8):
+        one = attnbench.reference(q[:, h : h + 1], k[:, h // 4 : h // 4 + 1], v[:, h // 4 : h // 4 + 1], p)
+        torch.testing.assert_close(out[:, h : h + 1], one, rtol=0, atol=0)
+    dout = torch.randn_like(out)
+    dk = torch.autograd.grad(out, k, dout)[0]
+    per_head = [  # each query head with its key/value head alone: its part lands on head h // 4 of dk
+        torch.autograd.grad(attnbench.reference(q[:, h : h + 1], k[:, h // 4 : h // 4 + 1], v[:, h // 4 : h // 4 + 1],
+                                                p), k, dout[:, h : h + 1])[0]
+        for h in range(8)
+    ]  # fmt: skip
+    torch.testing.assert_close(dk, sum(per_head), rtol=1e-12, atol=1e-12)

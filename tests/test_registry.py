@@ -87,6 +87,48 @@ def test_unsupported_lists_every_reason(throwaway):
     assert len(e.value.reasons) == 7
 
 
+def test_asymmetric_window_is_a_feature(throwaway):
+    """A non-causal window with unequal sides needs the feature; a causal window is
+    (left, 0) for every implementation that declares causal."""
+    assert "asymmetric_window" in reg.required_features(Pattern((3, 1)))
+    assert "asymmetric_window" not in reg.required_features(Pattern((3, 1), causal=True))
+    assert "asymmetric_window" not in reg.required_features(Pattern((2, 2)))
+    throwaway("symmetric_only", features=("causal", "backward"))
+    q = torch.randn(1, 1, 6, 8)
+    with pytest.raises(UnsupportedError, match="feature 'asymmetric_window' not supported"):
+        attnbench.attention(q, q, q, Pattern((3, 1)), impl="symmetric_only")
+    hf = attnbench.get_impl("hf_longformer")
+    assert "feature 'asymmetric_window' not supported" in hf.not_supported_reasons(
+        Pattern((3, 1)), device="cpu", dtype=torch.float32
+    )
+
+
+def test_grouped_query_heads_native_or_repeated(throwaway):
+    """k, v with fewer heads reach a native implementation as they are; the others get
+    them repeated per query head, inside the call, and the memory estimate counts it."""
+    seen = {}
+
+    def spy(name):
+        def fn(q, k, v, pattern, scale):
+            seen[name] = (k.shape[1], v.shape[1])
+            return q.clone()
+
+        return fn
+
+    throwaway("gqa_native", spy("gqa_native"), native_gqa=True, memory=lambda *a: 1000.0)
+    throwaway("gqa_repeat", spy("gqa_repeat"), memory=lambda *a: 1000.0)
+    q, k, v = torch.randn(1, 8, 5, 4), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    for name in ("gqa_native", "gqa_repeat"):
+        attnbench.attention(q, k, v, Pattern(2), impl=name)
+    assert seen == {"gqa_native": (2, 2), "gqa_repeat": (8, 8)}
+    native, repeat = attnbench.get_impl("gqa_native"), attnbench.get_impl("gqa_repeat")
+    args = (1, 8, 2, 5, 4, 4, Pattern(2))
+    assert native.estimate_memory(*args, False) == 1000.0
+    assert repeat.estimate_memory(*args, False) == 1000.0 + 2 * 8 * 5 * 4 * 4  # the repeated k and v
+    assert repeat.estimate_memory(*args, True) == 1000.0 + 2 * 2 * 8 * 5 * 4 * 4  # and their gradients
+    assert {r["name"]: r["gqa"] for r in attnbench.describe()}["gqa_native"] == "native"
+
+
 def test_unavailable_probe_is_a_reason(throwaway):
     throwaway("needs_pkg", probe=lambda: "needs the 'nonexistent' package (not installed)")
     q = torch.randn(1, 1, 4, 8)
@@ -119,7 +161,11 @@ def test_unknown_impl_names_choices():
 @pytest.mark.parametrize(
     "shapes, dtypes, match",
     [
-        (((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 9, 4)), None, "same shape"),
+        (((1, 2, 8, 4), (1, 2, 8, 4), (1, 2, 9, 4)), None, "k, v both .batch, kv_heads, seq, head_dim."),
+        (((1, 6, 8, 4), (1, 4, 8, 4), (1, 4, 8, 4)), None, "kv_heads dividing heads"),  # 4 does not divide 6
+        (((1, 2, 8, 4), (1, 4, 8, 4), (1, 4, 8, 4)), None, "kv_heads dividing heads"),  # more kv heads than q
+        (((1, 4, 8, 4), (2, 2, 8, 4), (2, 2, 8, 4)), None, "kv_heads dividing heads"),  # batch differs
+        (((1, 4, 8, 4), (1, 2, 8, 4), (1, 2, 8, 8)), None, "kv_heads dividing heads"),  # k and v differ
         (((2, 8, 4), (2, 8, 4), (2, 8, 4)), None, "expected 4 dims"),
         (None, (torch.float32, torch.float64, torch.float32), "same dtype"),
         (None, (torch.int64, torch.int64, torch.int64), "floating dtype"),
