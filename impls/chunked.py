@@ -1,16 +1,25 @@
 """chunked: the Longformer / Hugging Face sliding-chunks algorithm (the paper's
-Longformer-chunk), extended to causal windows, dilation and per-head dilation.
+Longformer-chunk), extended to (left, right) and causal windows, dilation and per-head
+dilation.
 
-With window offsets c in [lo, hi] (lo = -w/2, hi = w/2; causal lo = -w, hi = 0) and
-band width W = w + 1, the scores live in a band
+With window offsets c in [lo, hi] (lo = -left, hi = right) and band width
+W = left + right + 1, the scores live in a band
 
     S[b, h, i, c - lo] = scale * q_i . k_{i + d*c}            # (B, H, n, W)
 
 computed chunk by chunk: queries are cut into chunks of C rows; chunk t meets the
-C + W - 1 keys [t*C + lo, t*C + C - 1 + hi] (overlapping key chunks), one matrix
-product per chunk gives (C, C + W - 1) scores, and a skew (a strided view) moves
-the diagonals into the W columns of the band. With the original's C = w the
-intermediate is about 2x the band; here C = w/4, about 1.25x. Never n x n.
+C + W - 1 keys [t*C + lo, t*C + C - 1 + hi], which lie in the key blocks (of C rows)
+t .. t + J - 1, J = ceil((C + W - 1) / C). One matrix product per chunk against those
+J*C keys gives its (C, J*C) scores, and a gather moves the diagonals into the W columns
+of the band, band[a, b] = scores[a, a + b]. With the original's C = w the intermediate
+is about 2x the band; here C = w/4, about 1.25x to 1.5x. Never n x n.
+
+Why blocks and a gather, not Longformer's overlapping ``unfold`` and ``as_strided``
+skew: compiled code (inductor) may lay out a view's base differently, and then a strided
+view reads past it; under ``torch.compile`` the unfold version gave wrong key gradients
+without any error. Block slices, cat, pad, reshape and gather compile exactly (tested
+against eager in tests/test_compile.py). The price is a copy of the keys and values,
+J times, for the chunks.
 
 Dilation d: a dilated window over n tokens is the plain window over each of the d
 interleaved subsequences {i : i mod d = r}, so tokens are permuted into d residue
@@ -24,6 +33,7 @@ over all keys.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -43,42 +53,66 @@ def _chunk(window: int, m: int) -> int:
 
 
 def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
-    W = pattern.window + 1
-    C = max(pattern.window // 4, MIN_CHUNK)
+    d = pattern.max_dilation
+    m = math.ceil(n / d)
+    W = min(pattern.left, m - 1) + min(pattern.right, m - 1) + 1  # the band, clipped to the class
+    C = _chunk(W - 1, m)
+    L = _cdiv(C + W - 1, C) * C  # keys per chunk
     G = len(pattern.global_tokens)
-    rows = B * H * (n + C * pattern.max_dilation)
-    band = rows * (C + W - 1) * esize * 2 + rows * (W + G) * (4 + 4 + esize + 1)  # chunk scores, fp32 scores/probs
+    rows = B * H * (n + C * d)  # residue classes padded to whole chunks
+    chunks = 2 * rows * L // C * D * esize  # the keys and values of every chunk
+    # the chunk scores and the band at the gather; later fp32 scores and probabilities
+    band = max(rows * (L + W) * esize, rows * (W + G) * 8)
     dense_g = B * H * G * n * (esize + 8)
     io = 4 * B * H * n * D * esize
-    return (band + dense_g + io) * (2.5 if backward else 1.0)
+    return (chunks + band + dense_g + io) * (2.5 if backward else 1.0)
 
 
-def _band_scores(q: torch.Tensor, kp: torch.Tensor, W: int, C: int) -> torch.Tensor:
-    """q (..., M, D) with M = nc*C; kp (..., M + W - 1, D), kp[p] = key of offset p - (row).
-    Returns S (..., M, W) with S[t, b] = q[t] . kp[t + b]."""
+def _key_chunks(x: torch.Tensor, lo: int, hi: int, C: int) -> torch.Tensor:
+    """Keys (or values) of one residue class, ``x`` (..., M, D) with M = nc*C, as each
+    chunk of queries reads them: padded by -lo rows in front (row t's window then starts
+    at row t) and at the end to whole blocks of C, then for chunk t the J blocks
+    t .. t + J - 1 side by side, J = ceil((C + W - 1) / C): (..., nc, J*C, D). A copy of
+    J times x, made of block slices (Longformer's overlapping ``unfold`` view is not
+    safe under compilation)."""
+    *lead, M, D = x.shape
+    nc, J = M // C, _cdiv(C + hi - lo, C)
+    x = F.pad(x, (0, 0, -lo, (nc + J - 1) * C - M + lo))  # (..., (nc + J - 1) * C, D)
+    blocks = x.reshape(*lead, nc + J - 1, C, D)
+    return torch.cat([blocks[..., j : j + nc, :, :] for j in range(J)], dim=-2)  # (..., nc, J*C, D)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=32)
+def _diagonals(C: int, W: int, device: torch.device) -> torch.Tensor:
+    """(C, W) int64: column a + b of a chunk's scores is band column b of its row a."""
+    return (torch.arange(C, device=device)[:, None] + torch.arange(W, device=device)[None, :]).contiguous()
+
+
+def _band_scores(q: torch.Tensor, kc: torch.Tensor, W: int, C: int) -> torch.Tensor:
+    """q (..., M, D), M = nc*C; kc (..., nc, L, D) from :func:`_key_chunks`, L = J*C.
+    Returns S (..., M, W) with S[t, b] = q[t] . (key of offset b of row t)."""
     *lead, M, D = q.shape
-    nc, L = M // C, C + W - 1
-    qc = q.reshape(*lead, nc, C, D)  # (..., nc, C, D)
-    kc = kp.unfold(-2, L, C)  # (..., nc, D, L): overlapping key chunks, a view
-    s = torch.matmul(qc, kc).contiguous()  # (..., nc, C, L)
-    # skew without a copy: entry (a, a + b) of a chunk sits at flat a*(L+1) + b, so the
-    # band is a strided view with row stride L+1 (a + b <= C-1 + W-1 = L-1: in bounds)
-    st = s.stride()
-    band = s.as_strided((*s.shape[:-1], W), (*st[:-2], L + 1, 1))  # (..., nc, C, W)
-    return band.reshape(*lead, M, W)  # the one copy: the band itself
+    nc = M // C
+    s = torch.matmul(q.reshape(*lead, nc, C, D), kc.transpose(-1, -2))  # (..., nc, C, L)
+    idx = _diagonals(C, W, q.device).expand(*s.shape[:-1], W)  # (..., nc, C, W)
+    return s.gather(-1, idx).reshape(*lead, M, W)  # (..., M, W): band[a, b] = s[a, a + b]
 
 
-def _band_av(p: torch.Tensor, vp: torch.Tensor, C: int) -> torch.Tensor:
-    """p (..., M, W) band probabilities, vp (..., M + W - 1, D). Returns (..., M, D)
-    with out[t] = sum_b p[t, b] vp[t + b]."""
+def _band_av(p: torch.Tensor, vc: torch.Tensor, C: int) -> torch.Tensor:
+    """p (..., M, W) band probabilities, vc (..., nc, L, D) from :func:`_key_chunks`.
+    Returns (..., M, D) with out[t] = sum_b p[t, b] (value of offset b of row t)."""
     *lead, M, W = p.shape
-    nc, L = M // C, C + W - 1
+    nc, L = M // C, vc.shape[-2]
     p = p.reshape(*lead, nc, C, W)
-    # unskew (inverse of the skew above): band column b of row a -> chunk column a + b
+    # unskew (the gather's inverse): band column b of row a -> chunk column a + b. Padded
+    # to rows of L + 1, row a's entries shift by a once the rows are read L wide.
     p = F.pad(p, (0, L + 1 - W)).flatten(-2)[..., : C * L]  # (..., nc, C*L)
     p = p.view(*lead, nc, C, L)  # (..., nc, C, L)
-    vc = vp.unfold(-2, L, C).transpose(-1, -2)  # (..., nc, L, D)
-    return torch.matmul(p, vc).reshape(*lead, M, vp.shape[-1])  # (..., M, D)
+    return torch.matmul(p, vc).reshape(*lead, M, vc.shape[-1])  # (..., M, D)
 
 
 def _split(x: torch.Tensor, d: int, M: int) -> torch.Tensor:
@@ -99,10 +133,9 @@ def _merge(x: torch.Tensor, n: int) -> torch.Tensor:
 
 @register("chunked", features=FEATURES, memory=_memory)
 def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
-    """overlapping chunks into an (n, w+1) band, as Longformer / Hugging Face (linear memory)"""
+    """chunks of queries against blocks of keys into an (n, w+1) band, as Longformer / HF (linear memory)"""
     B, H, n, D = q.shape
-    lo, hi = pattern.offset_range
-    W = hi - lo + 1
+    lo0, hi0 = pattern.offset_range
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax dtype
     glob = global_index(pattern, q.device)  # (G,)
     G = glob.numel()
@@ -118,13 +151,16 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
     parts = []
     for d, heads in head_groups(pattern, H):
         m = math.ceil(n / d)  # longest residue class
-        C = _chunk(pattern.window, m)
+        # offsets past the class never meet a key: a window wider than the sequence
+        # (Mistral's 4,096 keys at n = 2048) gets a band as wide as the sequence
+        lo, hi = max(lo0, 1 - m), min(hi0, m - 1)
+        W = hi - lo + 1
+        C = _chunk(W - 1, m)
         M = math.ceil(m / C) * C
         qs = _split(gather_heads(q, heads), d, M)  # (B, Hg, d, M, D)
-        # keys padded by -lo in front so row t's band starts at kp[t]: (B, Hg, d, M+W-1, D)
-        kp = F.pad(_split(gather_heads(k, heads), d, M), (0, 0, -lo, hi))
-        vp = F.pad(_split(gather_heads(v, heads), d, M), (0, 0, -lo, hi))
-        s = _band_scores(qs, kp, W, C) * scale  # (B, Hg, d, M, W)
+        kc = _key_chunks(_split(gather_heads(k, heads), d, M), lo, hi, C)  # (B, Hg, d, nc, J*C, D)
+        vc = _key_chunks(_split(gather_heads(v, heads), d, M), lo, hi, C)
+        s = _band_scores(qs * scale, kc, W, C)  # (B, Hg, d, M, W)
 
         # which band entries are real keys of real rows: r = class, t = row, b = column
         r = torch.arange(d, device=q.device).view(d, 1, 1)
@@ -141,7 +177,7 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
             s = torch.cat([s, _split(gather_heads(sg_all, heads), d, M)], dim=-1)  # (B, Hg, d, M, W+G)
         p = torch.softmax(s, dim=-1).to(v.dtype)
         del s  # peak memory: the scores can go before the probabilities are unskewed
-        o = _band_av(p[..., :W], vp, C)  # (B, Hg, d, M, D)
+        o = _band_av(p[..., :W], vc, C)  # (B, Hg, d, M, D)
         if G:
             o = o + torch.matmul(p[..., W:], gather_heads(vg, heads).unsqueeze(2))  # (B,Hg,d,M,G)@(B,Hg,1,G,D)
         parts.append((heads, _merge(o, n)))  # (B, Hg, n, D)
