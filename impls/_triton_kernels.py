@@ -66,7 +66,7 @@ LOG2E = 1.4426950408889634
 #: scalar kernel arguments that vary per call; not specialised, so one binary serves all.
 #: n_tune (the window kernels' last) is n rounded up to a power of two: unused by the
 #: code, it is there for the autotuner's key, so that each size bucket is tuned apart
-_NO_SPEC = ["n", "H", "HG", "d", "lo", "hi", "G", "causal", "n_tune"]
+_NO_SPEC = ["n", "H", "KVH", "HG", "d", "lo", "hi", "G", "causal", "GQ", "accumulate", "n_tune"]
 
 
 # ---------------------------------------------------------------------------- interpreter shim
@@ -184,18 +184,29 @@ def _query_rows(ptrs, pos, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _class_block(HEADS, n, H, HG, d, BLOCK: tl.constexpr):
+def _class_block(HEADS, n, HG, d, BLOCK: tl.constexpr):
     # Window kernels, grid (d * ceil(ceil(n/d) / BLOCK), B * HG). Program (pid, pid_bh)
     # owns class indices o0 .. o0 + BLOCK - 1 of residue class r (m_r tokens) of head
-    # HEADS[pid_bh % HG] of batch pid_bh // HG, whose rows start at row0 (int64) of the
-    # (B * H * n)-row tensors.
+    # HEADS[pid_bh % HG] (a query head; a key/value head in dK/dV) of batch pid_bh // HG.
+    # Returns (r, o0, m_r, batch, head).
     pid = tl.program_id(0)
     pid_bh = tl.program_id(1)
     nb = _cdiv_k(_cdiv_k(n, d), BLOCK)  # blocks per class (the longest class)
     r = pid // nb
-    h = tl.load(HEADS + pid_bh % HG)
-    row0 = ((pid_bh // HG) * H + h).to(tl.int64) * n
-    return r, (pid % nb) * BLOCK, (n - r + d - 1) // d, row0
+    return r, (pid % nb) * BLOCK, (n - r + d - 1) // d, pid_bh // HG, tl.load(HEADS + pid_bh % HG)
+
+
+@triton.jit
+def _row0(b, h, heads, n):
+    # first row (int64) of head h of batch b in a (B * heads * n)-row tensor
+    return (b * heads + h).to(tl.int64) * n
+
+
+@triton.jit
+def _kv_row0(b, h, H, KVH, n):
+    # first row (int64) of the key/value head that query head h reads (grouped-query
+    # attention: query head h reads key/value head h // (H / KVH))
+    return _row0(b, h // (H // KVH), KVH, n)
 
 
 @triton.jit
@@ -208,13 +219,13 @@ def _class_rows(r, d, o0, m_r, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _global_block(GLOB, G, n, BLOCK_G: tl.constexpr):
-    # Global-token kernels, grid (ceil(G / BLOCK_G), B * H): the positions (BLOCK_G,) of
-    # the program's block of global tokens, which exist, and the first row (int64) of
-    # its (batch, head)
+def _global_block(GLOB, G, heads, BLOCK_G: tl.constexpr):
+    # Global-token kernels, grid (ceil(G / BLOCK_G), B * heads): the positions (BLOCK_G,)
+    # of the program's block of global tokens, which exist, and its batch and head
     gi = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     g_ok = gi < G
-    return tl.load(GLOB + gi, mask=g_ok, other=0), g_ok, tl.program_id(1).to(tl.int64) * n
+    pid_bh = tl.program_id(1)
+    return tl.load(GLOB + gi, mask=g_ok, other=0), g_ok, pid_bh // heads, pid_bh % heads
 
 
 # ---------------------------------------------------------------------------- block bodies
@@ -302,14 +313,18 @@ def _walk_pattern(accs, res, ptrs, r, d, o0, m_r, lo, hi, GLOB, ROW_GLOBAL, G, c
     # either way owned row a meets partner b iff 0 <= j*BLOCK_S + b - a <= w_span = hi - lo,
     # for j < jn. Blocks [j1, j2) lie wholly inside the band (j*BLOCK_S >= BLOCK_O - 1 and
     # (j+1)*BLOCK_S <= w_span + 1) and need only the sequence-end mask; [0, j1) and
-    # [j2, jn) straddle its edges and get the band mask.
+    # [j2, jn) straddle its edges and get the band mask. Only blocks that meet the class,
+    # [j_lo, j_hi), are visited: near the start of a sequence a long one-sided window
+    # ((4095, 0): 64 blocks of 64) lies mostly before the first key.
     w_span = hi - lo
     p0 = o0 - hi if OWN_KEYS else o0 + lo
     jn = _cdiv_k(BLOCK_O + w_span, BLOCK_S)
     j1 = tl.minimum((BLOCK_O + BLOCK_S - 2) // BLOCK_S, jn)
     j2 = tl.maximum(j1, (w_span + 1) // BLOCK_S)
-    starts = (0, j1, j2)
-    ends = (j1, j2, jn)
+    j_lo = tl.maximum(-p0, 0) // BLOCK_S  # the first block holding class index 0 or later
+    j_hi = tl.minimum(jn, _cdiv_k(m_r - p0, BLOCK_S))  # past the block holding index m_r - 1
+    starts = (j_lo, tl.maximum(j_lo, j1), tl.maximum(j_lo, j2))
+    ends = (tl.minimum(j_hi, j1), tl.minimum(j_hi, j2), j_hi)
     for stage in tl.static_range(3):  # leading edge, inside, trailing edge
         accs = _walk_band(accs, res, ptrs, ROW_GLOBAL, r, d, p0, m_r, w_span, scale_log2, starts[stage], ends[stage],
                           BODY, stage != 1, OWN_KEYS, BLOCK_O, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
@@ -409,18 +424,20 @@ def _fwd_init(R: tl.constexpr, BLOCK_D: tl.constexpr):
 #   O_p = sum_j softmax_j(s_pj) v_j over j in {r + d*u : lo <= u - t <= hi, 0 <= u < m_r}
 #         and over the global keys outside that set (g <= p when causal),
 #   LSE2_p = log2 sum_j 2^(s_pj),  s_pj = scale * log2(e) * q_p . k_j.
+# k_j, v_j those of query head h's key/value head, h // (H / KVH).
 # grid: (d * ceil(ceil(n/d) / BLOCK_M), B * HG); program (class r, row block, batch, head).
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_window_kernel(
     Q, K, V, O, LSE, HEADS, GLOB,
-    scale_log2, n, H, HG, d, lo, hi, G, causal, n_tune,
+    scale_log2, n, H, KVH, HG, d, lo, hi, G, causal, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    r, t0, m_r, row0 = _class_block(HEADS, n, H, HG, d, BLOCK_M)
+    r, t0, m_r, b, h = _class_block(HEADS, n, HG, d, BLOCK_M)
+    row0, kv0 = _row0(b, h, H, n), _kv_row0(b, h, H, KVH, n)
     pos, row_ok = _class_rows(r, d, t0, m_r, BLOCK_M)  # (BLOCK_M,)
     q = _load_rows(Q + row0 * HEAD_DIM, pos, row_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
-    kv = (K + row0 * HEAD_DIM, V + row0 * HEAD_DIM)
+    kv = (K + kv0 * HEAD_DIM, V + kv0 * HEAD_DIM)
 
     accs = _fwd_init(BLOCK_M, BLOCK_D)
     accs = _walk_pattern(accs, (q,), kv, r, d, t0, m_r, lo, hi, GLOB, None, G, causal, scale_log2,
@@ -438,13 +455,14 @@ def _fwd_window_kernel(
 # grid: (ceil(G / BLOCK_G), B * H).
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_global_rows_kernel(
-    Q, K, V, O, LSE, GLOB, scale_log2, n, G, causal,
+    Q, K, V, O, LSE, GLOB, scale_log2, n, H, KVH, G, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    gpos, g_ok, row0 = _global_block(GLOB, G, n, BLOCK_G)  # (BLOCK_G,) row positions
+    gpos, g_ok, b, h = _global_block(GLOB, G, H, BLOCK_G)  # (BLOCK_G,) row positions
+    row0, kv0 = _row0(b, h, H, n), _kv_row0(b, h, H, KVH, n)
     q = _load_rows(Q + row0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
-    kv = (K + row0 * HEAD_DIM, V + row0 * HEAD_DIM)
+    kv = (K + kv0 * HEAD_DIM, V + kv0 * HEAD_DIM)
     accs = _walk_list(_fwd_init(BLOCK_G, BLOCK_D), (q,), kv, gpos, GLOB, None, n, 0,
                       _key_blocks(gpos, g_ok, n, causal, BLOCK_N), 1, 0, 0, causal, scale_log2, _fwd_body,
                       OWN_KEYS=False, LISTED=False, OUTSIDE_WINDOW=False, SKIP_GLOBAL=False, BLOCK_S=BLOCK_N,
@@ -471,82 +489,100 @@ def _bwd_delta_kernel(
     tl.store(DELTA + row0 + i, _sum(o * do, 1), mask=i < n)
 
 
-# dK, dV of one key block of one class, from (a) the non-global queries whose window
-# holds the key and (b) every global query (j <= g when causal):
-#   dV_j = sum_i P_ij dO_i,  dK_j = scale * sum_i dS_ij q_i.
-# grid: (d * ceil(ceil(n/d) / BLOCK_N), B * HG).
+# dK, dV of one key block of one class of key/value head g, from the query heads that
+# read it (grouped-query attention: those of this dilation group among g's, QHEADS[slot,
+# :QCNT[slot]]), each (a) its non-global queries whose window holds the key and (b)
+# every global query (j <= g when causal):
+#   dV_j = sum_h sum_i P_hij dO_hi,  dK_j = scale * sum_h sum_i dS_hij q_hi.
+# The group's sum stays in registers: k, v are read once and never repeated per head.
+# accumulate != 0 (a key/value head whose query heads span several dilation groups, one
+# launch each): add to what DK, DV hold (zeroed by the host) instead of storing.
+# grid: (d * ceil(ceil(n/d) / BLOCK_N), B * HG), HG key/value heads.
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_kv_window_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, ROW_GLOBAL, GLOB,
-    scale, scale_log2, n, H, HG, d, lo, hi, G, causal, n_tune,
+    Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, QHEADS, QCNT, ROW_GLOBAL, GLOB,
+    scale, scale_log2, n, H, KVH, HG, d, lo, hi, G, causal, GQ, accumulate, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    r, u0, m_r, row0 = _class_block(HEADS, n, H, HG, d, BLOCK_N)
-    rows = _query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM)
+    r, u0, m_r, b, g = _class_block(HEADS, n, HG, d, BLOCK_N)
+    kv0 = _row0(b, g, KVH, n)
     kpos, col_ok = _class_rows(r, d, u0, m_r, BLOCK_N)  # (BLOCK_N,)
-    k = _load_rows(K + row0 * HEAD_DIM, kpos, col_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
-    v = _load_rows(V + row0 * HEAD_DIM, kpos, col_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+    k = _load_rows(K + kv0 * HEAD_DIM, kpos, col_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+    v = _load_rows(V + kv0 * HEAD_DIM, kpos, col_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
 
-    dk, dv = _walk_pattern((dk, dv), (k, v), rows, r, d, u0, m_r, lo, hi, GLOB, ROW_GLOBAL, G, causal, scale_log2,
-                           _dkdv_body, True, BLOCK_N, BLOCK_M, BLOCK_G, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
+    slot = tl.program_id(1) % HG
+    for i in range(_trip(0), _trip(tl.load(QCNT + slot))):  # the query heads reading g here
+        rows = _query_ptrs(Q, DO, LSE, DELTA, _row0(b, tl.load(QHEADS + slot * GQ + i), H, n), HEAD_DIM)
+        dk, dv = _walk_pattern((dk, dv), (k, v), rows, r, d, u0, m_r, lo, hi, GLOB, ROW_GLOBAL, G, causal,
+                               scale_log2, _dkdv_body, True, BLOCK_N, BLOCK_M, BLOCK_G, HEAD_DIM, BLOCK_D,
+                               DOT_PREC)  # fmt: skip
 
     kpos, col_ok = _class_rows(r, d, u0, m_r, BLOCK_N)
-    _store_rows(DK + row0 * HEAD_DIM, kpos, col_ok, dk * scale, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + row0 * HEAD_DIM, kpos, col_ok, dv, HEAD_DIM, BLOCK_D)
+    add = tl.where(col_ok, accumulate, 0) != 0  # (BLOCK_N,) rows to read back first
+    dk = dk * scale + _load_rows(DK + kv0 * HEAD_DIM, kpos, add, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
+    dv = dv + _load_rows(DV + kv0 * HEAD_DIM, kpos, add, HEAD_DIM, BLOCK_D)
+    _store_rows(DK + kv0 * HEAD_DIM, kpos, col_ok, dk, HEAD_DIM, BLOCK_D)
+    _store_rows(DV + kv0 * HEAD_DIM, kpos, col_ok, dv, HEAD_DIM, BLOCK_D)
 
 
 # Global keys, the part the window kernel cannot see: non-global queries i that reach
-# global key g outside their window (g <= i when causal). Read-add-write into dK, dV
-# (fp32 buffers), one program per block of global keys, so no two programs touch a row.
-#   dV_g += sum_i P_ig dO_i,  dK_g += scale * sum_i dS_ig q_i.
-# grid: (ceil(G / BLOCK_G), B * H); per-head dilation from DIL.
+# global key g outside their window (g <= i when causal), of every query head reading
+# this key/value head (h = kv * GQ + j, each with its own dilation from DIL). Read-add-
+# write into dK, dV (fp32 buffers), one program per block of global keys of one
+# key/value head, so no two programs touch a row.
+#   dV_g += sum_h sum_i P_hig dO_hi,  dK_g += scale * sum_h sum_i dS_hig q_hi.
+# grid: (ceil(G / BLOCK_G), B * KVH).
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_kv_global_keys_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, ROW_GLOBAL, GLOB, DIL,
-    scale, scale_log2, n, H, lo, hi, G, causal,
+    scale, scale_log2, n, H, KVH, lo, hi, G, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    gpos, g_ok, row0 = _global_block(GLOB, G, n, BLOCK_G)  # (BLOCK_G,) key positions
-    d = tl.load(DIL + tl.program_id(1) % H)
-    # this head's offsets, clipped to its longest class (as the host does per group)
-    reach = _cdiv_k(n, d) - 1
-    lo = tl.maximum(lo, -reach)
-    hi = tl.minimum(hi, reach)
-    k = _load_rows(K + row0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
-    v = _load_rows(V + row0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
+    gpos, g_ok, b, g = _global_block(GLOB, G, KVH, BLOCK_G)  # (BLOCK_G,) key positions
+    kv0 = _row0(b, g, KVH, n)
+    k = _load_rows(K + kv0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
+    v = _load_rows(V + kv0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
     dk = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
     dv = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
     # causal: queries before the block's first key never see it
     first = tl.where(causal != 0, _min(tl.where(g_ok, gpos, n), 0) // BLOCK_M, 0)
-    rows = _query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM)
-    dk, dv = _walk_list((dk, dv), (k, v), rows, gpos, GLOB, ROW_GLOBAL,
-                        n, first, _cdiv_k(n, BLOCK_M), d, lo, hi, causal, scale_log2, _dkdv_body,
-                        OWN_KEYS=True, LISTED=False, OUTSIDE_WINDOW=True, SKIP_GLOBAL=True, BLOCK_S=BLOCK_M,
-                        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
-    dk = dk * scale + _load_rows(DK + row0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
-    dv = dv + _load_rows(DV + row0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
-    _store_rows(DK + row0 * HEAD_DIM, gpos, g_ok, dk, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + row0 * HEAD_DIM, gpos, g_ok, dv, HEAD_DIM, BLOCK_D)
+    GQ = H // KVH
+    for j in range(_trip(0), _trip(GQ)):
+        h = g * GQ + j
+        d = tl.load(DIL + h)
+        # this head's offsets, clipped to its longest class (as the host does per group)
+        reach = _cdiv_k(n, d) - 1
+        rows = _query_ptrs(Q, DO, LSE, DELTA, _row0(b, h, H, n), HEAD_DIM)
+        dk, dv = _walk_list((dk, dv), (k, v), rows, gpos, GLOB, ROW_GLOBAL, n, first, _cdiv_k(n, BLOCK_M), d,
+                            tl.maximum(lo, -reach), tl.minimum(hi, reach), causal, scale_log2, _dkdv_body,
+                            OWN_KEYS=True, LISTED=False, OUTSIDE_WINDOW=True, SKIP_GLOBAL=True, BLOCK_S=BLOCK_M,
+                            HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
+    dk = dk * scale + _load_rows(DK + kv0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
+    dv = dv + _load_rows(DV + kv0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
+    _store_rows(DK + kv0 * HEAD_DIM, gpos, g_ok, dk, HEAD_DIM, BLOCK_D)
+    _store_rows(DV + kv0 * HEAD_DIM, gpos, g_ok, dv, HEAD_DIM, BLOCK_D)
 
 
 # dQ of the non-global rows of one dilation group: the window and the global keys outside
-# it, exactly the keys of the forward.  dQ_i = scale * sum_j dS_ij k_j.
+# it, exactly the keys of the forward (of the query head's key/value head).
+#   dQ_i = scale * sum_j dS_ij k_j.
 # grid: as _fwd_window_kernel.
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_q_window_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, HEADS, GLOB,
-    scale, scale_log2, n, H, HG, d, lo, hi, G, causal, n_tune,
+    scale, scale_log2, n, H, KVH, HG, d, lo, hi, G, causal, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    r, t0, m_r, row0 = _class_block(HEADS, n, H, HG, d, BLOCK_M)
+    r, t0, m_r, b, h = _class_block(HEADS, n, HG, d, BLOCK_M)
+    row0, kv0 = _row0(b, h, H, n), _kv_row0(b, h, H, KVH, n)
     pos, row_ok = _class_rows(r, d, t0, m_r, BLOCK_M)  # (BLOCK_M,)
     res = _query_rows(_query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM), pos, row_ok, HEAD_DIM, BLOCK_D)
-    kv = (K + row0 * HEAD_DIM, V + row0 * HEAD_DIM)
+    kv = (K + kv0 * HEAD_DIM, V + kv0 * HEAD_DIM)
 
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     (dq,) = _walk_pattern((dq,), res, kv, r, d, t0, m_r, lo, hi, GLOB, None, G, causal, scale_log2,
@@ -560,13 +596,14 @@ def _bwd_q_window_kernel(
 # dQ of the global rows: every key (j <= g when causal).  grid: (ceil(G / BLOCK_G), B * H).
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_q_global_rows_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, GLOB, scale, scale_log2, n, G, causal,
+    Q, K, V, DO, LSE, DELTA, DQ, GLOB, scale, scale_log2, n, H, KVH, G, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    gpos, g_ok, row0 = _global_block(GLOB, G, n, BLOCK_G)  # (BLOCK_G,) row positions
+    gpos, g_ok, b, h = _global_block(GLOB, G, H, BLOCK_G)  # (BLOCK_G,) row positions
+    row0, kv0 = _row0(b, h, H, n), _kv_row0(b, h, H, KVH, n)
     res = _query_rows(_query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM), gpos, g_ok, HEAD_DIM, BLOCK_D)
-    kv = (K + row0 * HEAD_DIM, V + row0 * HEAD_DIM)
+    kv = (K + kv0 * HEAD_DIM, V + kv0 * HEAD_DIM)
     dq = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
     (dq,) = _walk_list((dq,), res, kv, gpos, GLOB, None,
                        n, 0, _key_blocks(gpos, g_ok, n, causal, BLOCK_N), 1, 0, 0, causal, scale_log2, _dq_body,
@@ -681,11 +718,10 @@ def _fixed(bd: int, esize: int, kind: str) -> tuple[int, int, int, int]:
     return (64, 64, 4, 2) if row <= 128 else (32, 64, 4, 2) if row <= 256 else (32, 32, 4, 1)
 
 
-def _offsets(window: int, causal: bool, n: int) -> tuple[int, int]:
-    """Window offsets (lo, hi), clipped to [-n, n] (farther never meets a key; keeps
-    them, and lo * d in the kernels, inside int32)."""
-    lo, hi = (-window, 0) if causal else (-(window // 2), window // 2)
-    return max(lo, -n), min(hi, n)
+def _offsets(left: int, right: int, n: int) -> tuple[int, int]:
+    """Window offsets (lo, hi) = (-left, right), clipped to [-n, n] (farther never meets
+    a key; keeps them, and lo * d in the kernels, inside int32)."""
+    return max(-left, -n), min(right, n)
 
 
 def _groups(dilations: tuple[int, ...], n: int, lo: int, hi: int) -> list[tuple[int, int, int, list[int]]]:
@@ -719,6 +755,18 @@ def _meta(device: torch.device, n: int, dilations: tuple[int, ...], glob: tuple[
 @functools.lru_cache(maxsize=64)
 def _heads(device: torch.device, heads: tuple[int, ...]) -> torch.Tensor:
     return torch.tensor(heads, dtype=torch.int32, device=device)
+
+
+def _kv_slots(heads: list[int], GQ: int) -> tuple[list[int], list[int], list[int]]:
+    """For the query heads of one dilation group: the key/value heads they read (sorted),
+    and for each, its query heads among them (a row of GQ entries, padded with 0) and
+    their count, as the dK/dV kernel reads them (QHEADS, QCNT)."""
+    by_kv: dict[int, list[int]] = {}
+    for h in heads:
+        by_kv.setdefault(h // GQ, []).append(h)
+    kvs = sorted(by_kv)
+    table = [h for g in kvs for h in by_kv[g] + [0] * (GQ - len(by_kv[g]))]
+    return kvs, table, [len(by_kv[g]) for g in kvs]
 
 
 def _window_launch(kernel, tuner, args: tuple, *, programs_over: str, n: int, d: int, B: int, HG: int,
@@ -780,17 +828,20 @@ def forward(
     k: torch.Tensor,
     v: torch.Tensor,
     dilations: tuple[int, ...],
-    window: int,
+    left: int,
+    right: int,
     causal: bool,
     glob: tuple[int, ...],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention forward. q, k, v contiguous ``(B, H, n, D)``; ``dilations`` one per
-    head; ``glob`` sorted unique positions. Returns ``out`` (input dtype) and the
-    base-2 log-sum-exp ``(B, H, n)`` fp32 that :func:`backward` needs."""
+    """Attention forward. q contiguous ``(B, H, n, D)``, k, v contiguous
+    ``(B, KVH, n, D)`` (KVH dividing H); ``dilations`` one per query head; the window
+    ``(left, right)``; ``glob`` sorted unique positions. Returns ``out`` (input dtype)
+    and the base-2 log-sum-exp ``(B, H, n)`` fp32 that :func:`backward` needs."""
     B, H, n, D = q.shape
+    KVH = k.shape[1]
     bd, esize, G = block_d(D), q.element_size(), len(glob)
-    lo, hi = _offsets(window, causal, n)
+    lo, hi = _offsets(left, right, n)
     out = torch.empty_like(q)
     lse = torch.empty((B, H, n), dtype=torch.float32, device=q.device)
     _, g_t, _ = _meta(q.device, n, tuple(dilations), tuple(glob))
@@ -813,6 +864,7 @@ def forward(
             scale_log2,
             n,
             H,
+            KVH,
             len(heads),
             d,
             lo_g,
@@ -827,7 +879,7 @@ def forward(
         )  # fmt: skip
     if G:
         _global_launch(
-            _fwd_global_rows_kernel, (q, k, v, out, lse, g_t, scale_log2, n, G, int(causal)),
+            _fwd_global_rows_kernel, (q, k, v, out, lse, g_t, scale_log2, n, H, KVH, G, int(causal)),
             streams="BLOCK_N", G=G, BH=B * H, bg=bg, bd=bd, esize=esize, HEAD_DIM=D, BLOCK_D=bd, **dot,
         )  # fmt: skip
     LAST_CONFIG.clear()
@@ -843,17 +895,20 @@ def backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     dilations: tuple[int, ...],
-    window: int,
+    left: int,
+    right: int,
     causal: bool,
     glob: tuple[int, ...],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of q, k, v from dO, recomputing P from the saved LSE. Every tensor
-    contiguous, as :func:`forward` got and returned them."""
+    """Gradients of q ``(B, H, n, D)`` and k, v ``(B, KVH, n, D)`` from dO, recomputing P
+    from the saved LSE. Every tensor contiguous, as :func:`forward` got and returned them."""
     B, H, n, D = q.shape
+    KVH = k.shape[1]
+    GQ = H // KVH
     dtype = q.dtype
     bd, esize, G = block_d(D), q.element_size(), len(glob)
-    lo, hi = _offsets(window, causal, n)
+    lo, hi = _offsets(left, right, n)
     row_global, g_t, dil_t = _meta(q.device, n, tuple(dilations), tuple(glob))
     dot = _dot_args(q.dtype)
     scale_log2 = float(scale) * LOG2E
@@ -865,40 +920,50 @@ def backward(
     _bwd_delta_kernel[(_cdiv(n, bmd), B * H)](out, do, delta, n, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bmd)
 
     dq = torch.empty_like(q)
-    # with global keys dK, dV get a second, read-add-write pass: keep them fp32 until then
-    acc_dtype = torch.float32 if G else dtype
-    dk = torch.empty(q.shape, dtype=acc_dtype, device=q.device)
-    dv = torch.empty(q.shape, dtype=acc_dtype, device=q.device)
+    groups = _groups(tuple(dilations), n, lo, hi)
+    slots = [_kv_slots(heads, GQ) for *_, heads in groups]
+    # a key/value head read by query heads of several dilation groups gets one dK/dV
+    # launch per group, each adding to the last: zeroed fp32 buffers. With global keys
+    # dK, dV get a second, read-add-write pass: fp32 until then.
+    kv_launches = [g for kvs, _, _ in slots for g in kvs]
+    accumulate = len(kv_launches) != len(set(kv_launches))
+    acc_dtype = torch.float32 if G or accumulate else dtype
+    alloc = torch.zeros if accumulate else torch.empty
+    dk = alloc(k.shape, dtype=acc_dtype, device=q.device)
+    dv = alloc(k.shape, dtype=acc_dtype, device=q.device)
     do, q, k, v, out = _kernel_inputs(do, q, k, v, out)  # the gradients keep the caller's dtype
     cfg_kv: dict = {}
     cfg_q: dict = {}
-    for d, lo_g, hi_g, heads in _groups(tuple(dilations), n, lo, hi):
-        HG = len(heads)
-        heads_t = _heads(q.device, tuple(heads))
-        common = dict(n=n, d=d, B=B, HG=HG, tune=tune, HEAD_DIM=D, BLOCK_D=bd, BLOCK_G=bg)
-        tail = (scale, scale_log2, n, H, HG, d, lo_g, hi_g, G, int(causal), _next_pow2(n))
+    for (d, lo_g, hi_g, heads), (kvs, qtab, qcnt) in zip(groups, slots):
+        common = dict(n=n, d=d, B=B, tune=tune, HEAD_DIM=D, BLOCK_D=bd, BLOCK_G=bg)
         cfg_kv = _window_launch(
             _bwd_kv_window_kernel, _bwd_kv_window_tuned,
-            (q, k, v, do, lse, delta, dk, dv, heads_t, row_global, g_t) + tail,
-            programs_over="BLOCK_N", fixed=_fixed(bd, esize, "kv"), **dot, **common,
+            (q, k, v, do, lse, delta, dk, dv, _heads(q.device, tuple(kvs)), _heads(q.device, tuple(qtab)),
+             _heads(q.device, tuple(qcnt)), row_global, g_t, scale, scale_log2, n, H, KVH, len(kvs), d, lo_g, hi_g,
+             G, int(causal), GQ, int(accumulate), _next_pow2(n)),
+            programs_over="BLOCK_N", fixed=_fixed(bd, esize, "kv"), HG=len(kvs), **dot, **common,
         )  # fmt: skip
         cfg_q = _window_launch(
             _bwd_q_window_kernel, _bwd_q_window_tuned,
-            (q, k, v, do, lse, delta, dq, heads_t, g_t) + tail,
-            programs_over="BLOCK_M", fixed=_fixed(bd, esize, "q"), **dot, **common,
+            (q, k, v, do, lse, delta, dq, _heads(q.device, tuple(heads)), g_t, scale, scale_log2, n, H, KVH,
+             len(heads), d, lo_g, hi_g, G, int(causal), _next_pow2(n)),
+            programs_over="BLOCK_M", fixed=_fixed(bd, esize, "q"), HG=len(heads), **dot, **common,
         )  # fmt: skip
     if G:
-        glob_common = dict(G=G, BH=B * H, bg=bg, bd=bd, esize=esize, HEAD_DIM=D, BLOCK_D=bd, **dot)
+        glob_common = dict(G=G, bg=bg, bd=bd, esize=esize, HEAD_DIM=D, BLOCK_D=bd, **dot)
         # after every group's dK/dV window kernel: it adds to what they stored
         _global_launch(
             _bwd_kv_global_keys_kernel,
-            (q, k, v, do, lse, delta, dk, dv, row_global, g_t, dil_t, scale, scale_log2, n, H, lo, hi, G, int(causal)),
-            streams="BLOCK_M", **glob_common,
+            (q, k, v, do, lse, delta, dk, dv, row_global, g_t, dil_t, scale, scale_log2, n, H, KVH, lo, hi, G,
+             int(causal)),
+            streams="BLOCK_M", BH=B * KVH, **glob_common,
         )  # fmt: skip
         _global_launch(
-            _bwd_q_global_rows_kernel, (q, k, v, do, lse, delta, dq, g_t, scale, scale_log2, n, G, int(causal)),
-            streams="BLOCK_N", **glob_common,
+            _bwd_q_global_rows_kernel,
+            (q, k, v, do, lse, delta, dq, g_t, scale, scale_log2, n, H, KVH, G, int(causal)),
+            streams="BLOCK_N", BH=B * H, **glob_common,
         )  # fmt: skip
+    if acc_dtype != dtype:
         dk, dv = dk.to(dtype), dv.to(dtype)
     LAST_CONFIG["backward"] = {"kv": cfg_kv, "q": cfg_q, "BLOCK_G": bg, "interpreted": INTERPRETED}
     return dq, dk, dv

@@ -132,10 +132,10 @@ def _report() -> dict:
 
 #: scalar and pointer types of the kernels' runtime arguments, for compile_ahead
 _ARG_TYPES = {
-    **{a: "i32" for a in ("n", "H", "HG", "d", "lo", "hi", "G", "causal", "n_tune")},
+    **{a: "i32" for a in ("n", "H", "KVH", "HG", "d", "lo", "hi", "G", "causal", "GQ", "accumulate", "n_tune")},
     **{a: "fp32" for a in ("scale", "scale_log2")},
     **{a: "*fp32" for a in ("LSE", "DELTA", "DK", "DV")},
-    **{a: "*i32" for a in ("HEADS", "GLOB", "DIL")},
+    **{a: "*i32" for a in ("HEADS", "QHEADS", "QCNT", "GLOB", "DIL")},
     "ROW_GLOBAL": "*i8",
 }
 
@@ -184,22 +184,26 @@ def _fwd_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    window: int,
+    left: int,
+    right: int,
     dilation: list[int],
     causal: bool,
     global_tokens: list[int],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out, lse2): out ``(B, H, n, D)`` contiguous in the input dtype, lse2 the
-    base-2 log-sum-exp ``(B, H, n)`` fp32. ``dilation`` has one entry per head."""
+    """q ``(B, H, n, D)``, k, v ``(B, H_kv, n, D)`` (H_kv dividing H), the window
+    ``(left, right)``. Returns (out, lse2): out ``(B, H, n, D)`` contiguous in the input
+    dtype, lse2 the base-2 log-sum-exp ``(B, H, n)`` fp32. ``dilation`` has one entry per
+    query head."""
     kern = _kernels_for(q)
     return kern.forward(
-        q.contiguous(), k.contiguous(), v.contiguous(), tuple(dilation), window, causal, tuple(global_tokens), scale
-    )
+        q.contiguous(), k.contiguous(), v.contiguous(), tuple(dilation), left, right, causal, tuple(global_tokens),
+        scale,
+    )  # fmt: skip
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, window, dilation, causal, global_tokens, scale):
+def _fwd_fake(q, k, v, left, right, dilation, causal, global_tokens, scale):
     B, H, n, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     return out, torch.empty((B, H, n), dtype=torch.float32, device=q.device)
@@ -213,37 +217,38 @@ def _bwd_op(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    window: int,
+    left: int,
+    right: int,
     dilation: list[int],
     causal: bool,
     global_tokens: list[int],
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), contiguous, in the input dtype."""
+    """(dq, dk, dv), contiguous, in the input dtype; dk, dv ``(B, H_kv, n, D)`` like k, v."""
     kern = _kernels_for(q)
     return kern.backward(
         dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
-        tuple(dilation), window, causal, tuple(global_tokens), scale,
+        tuple(dilation), left, right, causal, tuple(global_tokens), scale,
     )  # fmt: skip
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, out, lse, window, dilation, causal, global_tokens, scale):
-    return tuple(torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
+def _bwd_fake(dout, q, k, v, out, lse, left, right, dilation, causal, global_tokens, scale):
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, window, dilation, causal, global_tokens, scale = inputs
+    q, k, v, left, right, dilation, causal, global_tokens, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.params = (window, dilation, causal, global_tokens, scale)
+    ctx.params = (left, right, dilation, causal, global_tokens, scale)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
     dq, dk, dv = torch.ops.attnbench.triton_longformer_bwd(dout, q, k, v, out, lse, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -251,7 +256,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def _op_args(q: torch.Tensor, pattern: Pattern, scale: float) -> tuple:
     dil = list(pattern.dilations(q.shape[1]))
-    return pattern.window, dil, pattern.causal, list(pattern.global_tokens), float(scale)
+    return pattern.left, pattern.right, dil, pattern.causal, list(pattern.global_tokens), float(scale)
 
 
 # ---------------------------------------------------------------------------- registry
@@ -310,6 +315,7 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     slow_on_cpu=True,
     interpreted_on_cpu=True,
     report=_report,
+    native_gqa=True,
     tunables={
         "interpreter_block": INTERPRETER_BLOCK,
         "autotune_min_seq": AUTOTUNE_MIN_SEQ,

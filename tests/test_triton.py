@@ -23,8 +23,8 @@ import attnbench
 from attnbench import Pattern
 
 triton = pytest.importorskip("triton")
-
 import attnbench.impls.triton_fused as tf  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 
 def test_import_needs_no_triton():
@@ -64,7 +64,7 @@ def test_custom_op_torch_compile_and_last_config():
 
 def test_custom_op_opcheck():
     q, k, v = rand_qkv(1, 2, 20, 16, torch.float32, requires_grad=True)
-    args = (q, k, v, 4, [1, 2], False, [0], 0.25)
+    args = (q, k[:, :1], v[:, :1], 2, 1, [1, 2], False, [0], 0.25)  # one key/value head, window (2, 1)
     torch.library.opcheck(torch.ops.attnbench.triton_longformer_fwd.default, args, test_utils=("test_schema",
                           "test_autograd_registration", "test_faketensor"))  # fmt: skip
 
@@ -75,11 +75,12 @@ def test_op_eager_autograd_matches_reference():
     registered backward."""
     q, k, v = rand_qkv(2, 2, 37, 24, torch.float32, requires_grad=True)
     p = Pattern(8, (1, 3), False, (36,))
-    out, lse = torch.ops.attnbench.triton_longformer_fwd(q, k, v, 8, [1, 3], False, [36], 24**-0.5)
+    out, lse = torch.ops.attnbench.triton_longformer_fwd(q, k, v, 4, 4, [1, 3], False, [36], 24**-0.5)
     assert not lse.requires_grad and lse.shape == (2, 2, 37)
     assert_output_ok(out, q, k, v, p, "eager op", scale=24**-0.5)
     op = torch.ops.attnbench.triton_longformer_fwd
-    assert_grads_ok(lambda *x: op(*x, 8, [1, 3], False, [36], 24**-0.5)[0], q, k, v, p, "eager op", scale=24**-0.5)
+    assert_grads_ok(lambda *x: op(*x, 4, 4, [1, 3], False, [36], 24**-0.5)[0], q, k, v, p, "eager op",
+                    scale=24**-0.5)  # fmt: skip
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -92,6 +93,51 @@ def test_interpreter_small_blocks(monkeypatch, dtype):
     assert_output_ok(attnbench.attention(q, k, v, p, impl="triton"), q, k, v, p, "blocks of 16")
     triton = lambda *x: attnbench.attention(*x, p, impl="triton")  # noqa: E731
     assert_grads_ok(triton, q, k, v, p, "blocks of 16", dout=rand_dout(q, seed=4))
+
+
+@pytest.mark.parametrize("window, dilation", [((50, 0), 1), ((24, 24), 1), ((5, 60), 2), ((0, 0), 1), ((70, 0), 3)])
+def test_kernels_visit_only_blocks_the_window_meets(monkeypatch, window, dilation):
+    """Block skipping, from the kernels' own loops: every block of partners a program
+    walks (keys in the forward and dQ, queries in dK/dV) meets the window of the rows
+    it owns, none is walked twice, and together they hold every partner. The partners
+    a block needs come from the pattern's mask, not from the kernels' bounds. A causal
+    (50, 0) window is Mistral's (4095, 0) scaled down: near the start of the sequence
+    most of its reach lies before the first key."""
+    kern = tf.kernels(True)
+    bs = 16
+    monkeypatch.setattr(kern, "INTERPRETER_BLOCK", bs)
+    n = 150
+    p = Pattern(window, dilation, causal=window[1] == 0 and window[0] > 0)
+    mask = p.mask(n)  # (n, n): no global tokens, so exactly the window
+    walked: dict[str, dict[tuple, list]] = {}
+    for name in ("_fwd_body", "_dq_body", "_dkdv_body"):
+        body = getattr(kern, name)
+
+        def record(accs, res, ptrs, spos, s_ok, ok, *rest, _name=name, _body=body):
+            pid = tuple(int(tl.program_id(a).handle.data.reshape(-1)[0]) for a in (0, 1))
+            walked.setdefault(_name, {}).setdefault(pid, []).append(spos.handle.data.reshape(-1).tolist())
+            return _body(accs, res, ptrs, spos, s_ok, ok, *rest)
+
+        monkeypatch.setattr(kern, name, record)
+    q, k, v = rand_qkv(1, 1, n, 16, torch.float32, requires_grad=True)
+    out = attnbench.attention(q, k, v, p, impl="triton")
+    out.backward(torch.ones_like(out))
+    d = dilation
+    m_longest = -(-n // d)
+    nb = -(-m_longest // bs)  # blocks per class: programs (r, block) in axis 0
+    for name, programs in walked.items():
+        for (pid, _), blocks in programs.items():
+            r, o0 = pid // nb, (pid % nb) * bs
+            owned = [pos for pos in range(r + d * o0, min(n, r + d * (o0 + bs)), d)]
+            # partners the owned rows need: keys of owned queries, or queries of owned keys
+            rel = mask[owned] if name != "_dkdv_body" else mask[:, owned].T  # (owned, n)
+            need = set(rel.any(0).nonzero().flatten().tolist())
+            got = [{x for x in blk if 0 <= x < n and (x - r) % d == 0} for blk in blocks]
+            where = f"{name} {p.describe()} program {pid} (class {r}, rows from {o0})"
+            assert all(g & need for g in got), f"{where}: walks a block outside the window: {blocks}"
+            assert len({min(g) for g in got}) == len(got), f"{where}: walks a block twice"
+            assert set().union(*got) >= need, f"{where}: misses partners {sorted(need - set().union(*got))}"
+    assert set(walked) == {"_fwd_body", "_dq_body", "_dkdv_body"}
 
 
 def test_check_reasons():
@@ -138,10 +184,12 @@ def test_cuda_launch_code_binds(monkeypatch, n):
             recorders[name] = _Recorder(obj, tuned=False)
     for name, rec in recorders.items():
         monkeypatch.setattr(kern, name, rec)
-    B, H, D = 2, 4, 40
-    q, k, v = (torch.zeros(B, H, n, D, dtype=torch.bfloat16) for _ in range(3))
-    out, lse = kern.forward(q, k, v, (1, 1, 2, 3), 16, True, (0, 7, n - 1), 0.1)
-    kern.backward(out, q, k, v, out, lse, (1, 1, 2, 3), 16, True, (0, 7, n - 1), 0.1)
+    B, H, KVH, D = 2, 4, 2, 40
+    q = torch.zeros(B, H, n, D, dtype=torch.bfloat16)
+    k, v = (torch.zeros(B, KVH, n, D, dtype=torch.bfloat16) for _ in range(2))
+    out, lse = kern.forward(q, k, v, (1, 1, 2, 3), 16, 0, True, (0, 7, n - 1), 0.1)
+    dq, dk, dv = kern.backward(out, q, k, v, out, lse, (1, 1, 2, 3), 16, 0, True, (0, 7, n - 1), 0.1)
+    assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
     launches = [x for r in recorders.values() for x in r.launches]
     names = {x[0] for x in launches}
     assert names == {
@@ -154,6 +202,13 @@ def test_cuda_launch_code_binds(monkeypatch, n):
             n_cls = -(-n // d)  # longest residue class
             assert grid == (d * -(-n_cls // own), B * args["HG"])
             assert args["BLOCK_D"] == 64 and args["HEAD_DIM"] == 40 and args["Q"].dtype == torch.bfloat16
+            assert (args["H"], args["KVH"]) == (H, KVH)
+        if name == "_bwd_kv_window_kernel":  # programs per key/value head, its query heads in QHEADS
+            assert args["HG"] == len(args["HEADS"]) == len(args["QCNT"]) and args["GQ"] == H // KVH
+            # heads (0, 1) read kv head 0 at dilation 1; heads 2 (d=2) and 3 (d=3) kv head 1, one launch each
+            assert args["accumulate"] == 1 and args["DK"].dtype == torch.float32
+        if name == "_bwd_kv_global_keys_kernel":
+            assert grid[1] == B * KVH
     cfg = kern.LAST_CONFIG
     assert cfg["autotuned"] == (n >= tf.AUTOTUNE_MIN_SEQ)
     if cfg["autotuned"]:
