@@ -1,7 +1,7 @@
 """cupy: raw CUDA banded kernels launched through CuPy, in the style of Longformer's
 ``diagonaled_mm`` custom kernel (three banded products; the backward pass reuses them).
 
-With window offsets c - off (off = w/2, or w when causal), band width W = w + 1 and the
+With window offsets c - off (off = left), band width W = left + right + 1 and the
 head's dilation d, column c of query row i is the key ``i + d*(c - off)``. The kernels
 in ``_banded.cu`` (compiled once with NVRTC through ``cupy.RawModule``) compute
 
@@ -109,7 +109,7 @@ def _check(q: torch.Tensor, pattern: Pattern) -> list[str]:
 
 
 def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
-    W = pattern.window + 1
+    W = pattern.span + 1
     G = len(pattern.global_tokens)
     band = 4.0 * B * H * n * (W + G)  # float32 scores / probabilities / gradients
     rows = B * H * n * D

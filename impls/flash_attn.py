@@ -2,11 +2,14 @@
 from the ``flash-attn`` package, CUDA only.
 
 Window mapping: with ``window_size=(left, right)`` query i attends to the keys
-``[i - left, i + right]`` (its own key always included), so the attnbench window w maps
-to ``(w/2, w/2)``, and to ``(w, 0)`` with ``causal=True`` for a causal window. ``(0, 0)``
-(w = 0) attends to the own key only; ``-1`` (unbounded) is never passed. The window is
-aligned to the bottom-right corner, which for equal query and key lengths is the
-diagonal.
+``[i - left, i + right]`` (its own key always included): attnbench's window is that
+convention, so ``(pattern.left, pattern.right)`` is passed as it is (an int w is
+``(w/2, w/2)``, or ``(w, 0)`` causal, with ``causal=True``). ``(0, 0)`` attends to the
+own key only; ``-1`` (unbounded) is never passed. The window is aligned to the
+bottom-right corner, which for equal query and key lengths is the diagonal.
+
+Grouped-query and multi-query attention are FlashAttention's own: k, v with fewer heads
+than q are passed as they are.
 
 FlashAttention has no dilation and no global tokens (Dao-AILab/flash-attention#1001),
 so they are not declared and the registry refuses such patterns with that reason.
@@ -61,20 +64,20 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     "flash_attn",
     devices=("cuda",),
     dtypes=(torch.float16, torch.bfloat16),
-    features=("causal", "backward"),
+    features=("causal", "asymmetric_window", "backward"),
     probe=_probe,
     check=_check,
     memory=_memory,
+    native_gqa=True,
 )
 def flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
-    """FlashAttention 2 flash_attn_func with window_size=(w/2, w/2) or (w, 0) causal
+    """FlashAttention 2 flash_attn_func with window_size=(left, right)
 
-    q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)`` through ``flash_attn_func``.
+    q ``(B, H, n, D)``, k, v ``(B, H_kv, n, D)`` -> ``(B, H, n, D)`` through ``flash_attn_func``.
     """
     from flash_attn import flash_attn_func
 
-    w = pattern.window
-    window = (w, 0) if pattern.causal else (w // 2, w // 2)
+    window = (pattern.left, pattern.right)  # (w/2, w/2), or (w, 0) causal
     out = flash_attn_func(
         q.transpose(1, 2),
         k.transpose(1, 2),

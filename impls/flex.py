@@ -176,11 +176,13 @@ def clear_cache() -> None:
     tunables={"block_size": BLOCK, "cache_size": CACHE_SIZE},
     slow_on_cpu=True,
     report=report,
+    native_gqa=True,
 )
 def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
     """PyTorch FlexAttention, compiled, exact mask_mod, cached 128x128 BlockMask
 
-    q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)`` through compiled ``flex_attention``.
+    q ``(B, H, n, D)``, k, v ``(B, H_kv, n, D)`` -> ``(B, H, n, D)`` through compiled
+    ``flex_attention`` (``enable_gqa`` when H_kv < H; the mask_mod's ``h`` is the query head).
     """
     B, H, n, D = q.shape
     cpu = q.device.type == "cpu"
@@ -201,4 +203,4 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, sc
             fail_on_recompile_limit_hit=True,
         ),
     ):
-        return fn(q, k, v, block_mask=bm, scale=scale)
+        return fn(q, k, v, block_mask=bm, scale=scale, enable_gqa=k.shape[1] != H)

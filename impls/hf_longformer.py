@@ -29,7 +29,9 @@ q, k, v through these modules, so backward is HF's autograd graph.
 Window convention. attnbench window w (neighbours besides self, w/2 per side) =
 HF ``config.attention_window`` = w; HF's ``one_sided_attn_window_size`` = w/2; its score
 band has ``2 * (w/2) + 1 = w + 1`` columns. HF has no dilation (the original allenai
-code had it in its TVM kernel only) and no causal mode. It needs w >= 4: its layer
+code had it in its TVM kernel only), no causal mode and no asymmetric window (one
+one-sided size for both sides). Grouped-query k, v are repeated per query head by the
+registry (Longformer has no grouped heads). It needs w >= 4: its layer
 asserts w > 0, and with w = 2 (one-sided 1) ``_sliding_chunks_query_key_matmul`` fails on
 an empty slice copy (``LongformerModel`` with ``attention_window=2`` fails the same
 way in transformers 5.24).
@@ -45,6 +47,10 @@ Attention mask passed to ``forward`` (per token, as ``LongformerModel`` builds i
 dtypes: fp32, fp16, bf16. HF computes the softmax in fp32 whatever the input dtype, so
 fp64 inputs get fp32 accuracy (max error about 2e-7 against the reference on a small
 case): fp64 is not declared.
+
+Under ``torch.compile`` the layer is compiled, except with global tokens, where Dynamo
+cannot trace HF's global-attention path and the layer runs uncompiled (see
+:func:`_run_uncompiled`).
 
 Cost outside HF's code: the padding and the relayout of q, k, v to HF's token-major
 layouts (copies of O(n * H * D)); the projections cost nothing but a scalar multiply.
@@ -89,7 +95,7 @@ def _probe() -> str | None:
 
 
 def _check(q: torch.Tensor, pattern: Pattern) -> list[str]:
-    if pattern.window < 4:
+    if pattern.span < 4:
         return [
             f"window={pattern.window}: HF Longformer needs attention_window = w >= 4 "
             "(w = 0 fails its layer's assertion; w = 2 fails inside _sliding_chunks_query_key_matmul)"
@@ -98,7 +104,7 @@ def _check(q: torch.Tensor, pattern: Pattern) -> list[str]:
 
 
 def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
-    w = max(pattern.window, 2)
+    w = max(pattern.span, 2)
     m = math.ceil(n / w) * w
     G = len(pattern.global_tokens)
     # chunk scores (2x the band), the band, its mask, fp32 probabilities and their
@@ -171,7 +177,7 @@ def hf_longformer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pa
     q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)`` through HF's self-attention layer.
     """
     B, H, n, D = q.shape
-    w = pattern.window
+    w = pattern.span  # symmetric (asymmetric windows are not declared): HF's attention_window
     m = math.ceil(n / w) * w  # HF: length a multiple of attention_window
     pad = m - n
 
@@ -184,18 +190,49 @@ def hf_longformer(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pa
         mask[:, list(pattern.global_tokens)] = 1.0
     mask[:, n:] = -1.0
 
-    layer = _layer(H, D, w)
-    layer.query.factor = scale * math.sqrt(D)  # HF divides the queries by sqrt(head_dim)
-    layer.key.value, layer.value.value = tokens_first(k), tokens_first(v)
+    run = _run_uncompiled() if pattern.global_tokens else _run
+    out = run(_layer(H, D, w), hidden, tokens_first(k), tokens_first(v), mask, scale * math.sqrt(D))  # (B, m, H*D)
+    return out.view(B, m, H, D).transpose(1, 2)[:, :, :n]
+
+
+def _run(layer: nn.Module, hidden, k, v, mask, factor: float) -> torch.Tensor:
+    """HF's layer on hidden (B, m, H*D) with k, v (m, B, H*D) as its projections' output."""
+    layer.query.factor = factor  # HF divides the queries by sqrt(head_dim): factor = scale * sqrt(D)
+    layer.key.value, layer.value.value = k, v
     try:
         (out,) = layer(
             hidden,
             attention_mask=mask,
             is_index_masked=mask < 0,
             is_index_global_attn=mask > 0,
-            is_global_attn=bool(pattern.global_tokens),
+            is_global_attn=bool((mask > 0).any()),
             output_attentions=False,
-        )  # (B, m, H*D)
+        )
     finally:
         layer.key.value = layer.value.value = None
-    return out.view(B, m, H, D).transpose(1, 2)[:, :, :n]
+    return out
+
+
+# With global tokens, HF's layer runs uncompiled inside a torch.compile'd caller (a graph
+# break), because Dynamo cannot trace it (torch 2.13): after the graph break at its
+# nonzero(), HF's size check `assert list(global_attn_scores.size()) == [...,
+# max_num_global_attn_indices, ...]` compares with a 0-d tensor, and Dynamo stops with
+# "AssertionError: Expected bool, got FakeTensor". Reduced to PyTorch alone:
+#
+#     def f(q, is_global):
+#         mx = is_global.long().sum(dim=1).max()  # a 0-d tensor
+#         idx = is_global.nonzero(as_tuple=True)  # data-dependent: a graph break
+#         qg = q.new_zeros(q.shape[0], mx, q.shape[2])
+#         qg[idx[0], : len(idx[0]) // q.shape[0]] = 1.0
+#         s = torch.bmm(qg, q.transpose(1, 2))
+#         assert list(s.size()) == [q.shape[0], mx, q.shape[1]]  # Dynamo: Expected bool
+#         return s
+#
+#     torch.compile(f)(torch.ones(2, 5, 4), torch.tensor([[1, 0, 1, 0, 0]] * 2, dtype=torch.bool))
+#
+# A refusal is no better: Dynamo turns an exception raised while it traces into a graph
+# break and runs the frame eagerly, where nothing refuses. Without global tokens the
+# layer compiles and matches eager (tests/test_compile.py).
+@functools.cache
+def _run_uncompiled():
+    return torch.compiler.disable(_run)  # made on first use: it imports torch._dynamo

@@ -21,7 +21,7 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     # per-row gathers are tiny; the outputs of every row are kept for the final stack
     # (and, with autograd, the gathered keys of every row).
     rows = B * H * n * D * esize
-    return rows * (2 + (pattern.window + 1 + len(pattern.global_tokens)) * (2 if backward else 0) / max(D, 1))
+    return rows * (2 + (pattern.span + 1 + len(pattern.global_tokens)) * (2 if backward else 0) / max(D, 1))
 
 
 def _extra_globals(i: int, d: int, lo: int, hi: int, globs: tuple[int, ...], causal: bool) -> list[int]:

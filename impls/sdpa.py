@@ -7,6 +7,12 @@ with the softmax ``scale`` passed through. PyTorch picks the kernel (math, or a 
 one that accepts an arbitrary mask); none of them skips the masked-out work, so this is
 dense attention in time and the mask alone is quadratic in memory: the baseline that
 "just use SDPA with a mask" gives.
+
+Grouped-query k, v are repeated per query head by the registry, not passed with
+``enable_gqa``, as Hugging Face's SDPA integration does whenever there is a mask
+(``use_gqa_in_sdpa``: with a mask, enable_gqa falls back to the math kernel). Measured
+on the CPU (torch 2.13, bf16, 8 query heads on 1 key/value head, n = 97): enable_gqa's
+dV was 2.8x the control's error, over the verification policy; repeated k, v, 0.9x.
 """
 
 from __future__ import annotations
