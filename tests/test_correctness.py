@@ -32,6 +32,7 @@ class Case:
     D: int
     pattern: Pattern
     small: bool = False  # also run for slow_on_cpu implementations
+    KV: int | None = None  # key/value heads (grouped-query attention); None: H
 
     def __str__(self) -> str:
         return self.id
@@ -56,12 +57,29 @@ CASES = [
     Case("b3-n50-d2-g", 3, 2, 50, 16, Pattern(8, 2, False, (0,)), small=True),
     Case("n130-hd128-g", 1, 2, 130, 128, Pattern(16, global_tokens=(0,))),
     Case("b2-n257-perhead-g", 2, 4, 257, 32, Pattern(16, (1, 1, 2, 3), False, (0, 128, 256))),
+    # (left, right) windows: odd and unequal sides, one-sided without causal, causal odd
+    Case("n97-lr5-2", 1, 2, 97, 16, Pattern((5, 2)), small=True),
+    Case("n97-lr0-7-d2-g", 1, 2, 97, 16, Pattern((0, 7), 2, False, (0, 60)), small=True),
+    Case("n97-causal-w7", 1, 2, 97, 16, Pattern(7, causal=True), small=True),
+    Case("n257-lr31-0-g", 1, 2, 257, 32, Pattern((31, 0), 1, False, (200,))),
+    Case("n257-causal-lr13-5-d2-g", 1, 2, 257, 16, Pattern((13, 5), 2, True, (0, 100))),
+    Case("n1000-lr63-1-g", 1, 2, 1000, 16, Pattern((63, 1), 1, False, (0, 999))),
+    Case("n98-perhead-lr6-3", 1, 4, 98, 16, Pattern((6, 3), (1, 2, 1, 3)), small=True),
+    # grouped-query and multi-query attention: 8 query heads on 2 or 1 key/value heads
+    Case("n97-gqa8-2", 1, 8, 97, 16, Pattern(8), small=True, KV=2),
+    Case("n97-mqa8-1-causal-w5-g", 1, 8, 97, 16, Pattern(5, 1, True, (3, 50)), small=True, KV=1),
+    Case(
+        "n97-gqa8-2-perhead-lr", 1, 8, 97, 16, Pattern((9, 4), (1, 2, 1, 3, 3, 3, 1, 2), False, (0,)), small=True, KV=2
+    ),  # fmt: skip
+    Case("b2-n257-gqa8-2-lr-d2", 2, 8, 257, 32, Pattern((20, 11), 2, False, (0, 128)), KV=2),
+    Case("n257-mqa8-1-lr", 1, 8, 257, 64, Pattern((127, 64)), KV=1),
 ]
 
 #: slow_on_cpu implementations on the CPU: fp32 everywhere, low precision on a few cases
 SLOW_DTYPES = {
     "n97-causal-d2-g": (torch.float32, torch.bfloat16, torch.float16),
     "n98-perhead-1123": (torch.float32, torch.bfloat16),
+    "n97-gqa8-2-perhead-lr": (torch.float32, torch.bfloat16),
 }
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
@@ -101,7 +119,7 @@ def _params(dtypes: list[torch.dtype], backward: bool):
 def test_forward(impl, case, dtype):
     impl_or_skip(impl)
     assert case is not None
-    q, k, v = rand_qkv(case.B, case.H, case.n, case.D, dtype)
+    q, k, v = rand_qkv(case.B, case.H, case.n, case.D, dtype, kv_heads=case.KV)
     out = attnbench.attention(q, k, v, case.pattern, impl=impl)
     assert out.shape == q.shape and out.dtype == dtype
     assert_output_ok(out, q, k, v, case.pattern, f"{impl} {case}")
@@ -111,7 +129,7 @@ def test_forward(impl, case, dtype):
 def test_backward(impl, case, dtype):
     impl_or_skip(impl)
     assert case is not None
-    q, k, v = rand_qkv(case.B, case.H, case.n, case.D, dtype)
+    q, k, v = rand_qkv(case.B, case.H, case.n, case.D, dtype, kv_heads=case.KV)
     assert_grads_ok(
         lambda *x: attnbench.attention(*x, case.pattern, impl=impl), q, k, v, case.pattern, f"{impl} {case}"
     )
