@@ -58,7 +58,10 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_pool_stops_at_its_deadline():
+    """The quick tasks finish (the deadline leaves room for children that import torch
+    on a loaded machine); the slow one is cut there, in order, and nothing waits for it."""
     t0 = time.time()
-    got = run_pool(time.sleep, [0.01, 60, 0.02], 2, time.time() + 8)
-    assert time.time() - t0 < 20
+    got = run_pool(time.sleep, [0.01, 600, 0.02], 2, time.time() + 20)
+    assert time.time() - t0 < 35
+    assert [task for task, _, _ in got] == [0.01, 600, 0.02]
     assert [s is not None for _, _, s in got] == [True, False, True]
