@@ -238,9 +238,16 @@ def plan(stages: Iterable[str], budget: float = BUDGET_S, rows: list[dict] | Non
 
 def _label(c: BenchConfig) -> str:
     """One job, as the dry run and the log show it (aligned)."""
-    extra = (" causal" if c.causal else "") + (f" G={len(c.global_tokens)}" if c.global_tokens else "")
     return (f"{c.impl:13s} {c.dtype} B={c.batch} H={c.heads} D={c.head_dim:<3d} w={c.window} d={c.dilation} "
-            f"n={c.seq_len:<6d} {c.mode:7s}{extra}")  # fmt: skip
+            f"n={c.seq_len:<6d} {c.mode:7s}{_extra(c)}")  # fmt: skip
+
+
+def _extra(c: BenchConfig) -> str:
+    """What sets a configuration apart beyond its shape: grouped-query heads, causal,
+    global tokens."""
+    kv = getattr(c, "kv_heads", None)
+    return ((f" kv={kv}" if kv and kv != c.heads else "") + (" causal" if c.causal else "")
+            + (f" G={len(c.global_tokens)}" if c.global_tokens else ""))  # fmt: skip
 
 
 def job_name(c: BenchConfig) -> str:
@@ -265,7 +272,7 @@ VERIFY_S = {"fwd": 0.3, "bwd": 1.0, "fwd_bwd": 1.0}  # sampled reference rows (a
 WORKER_START_S = 6.0  # Python, torch and a CUDA context
 POOL_START_S = 4.0  # a pool's processes import torch and triton
 GPU_TESTS_S = 25.0  # pytest -m gpu with the kernels warm
-FLEX_PROCS = 4  # flex graphs compiled at once in the warm-up
+FLEX_PROCS = 4  # flex graphs compiled at once in the warm-up (at most one per 4 cores)
 TFLOPS = {"triton": 150, "flash_attn": 300, "flex": 100, "cupy": 25, "chunked": 30, "hf_longformer": 20,
           "sdpa": 150, "naive": 80, "loop": 0.05}  # fmt: skip
 DENSE = {"naive", "sdpa"}  # work n^2, whatever the pattern
@@ -280,7 +287,8 @@ def compile_key(c: BenchConfig) -> str:
     if c.impl == "triton":
         return f"triton {c.dtype} D={c.head_dim} G={min(64, len(c.global_tokens))} {mode}"
     if c.impl == "flex":
-        return f"flex {c.dtype} B={c.batch} H={c.heads} n={c.seq_len} D={c.head_dim} {mode}"
+        kv = getattr(c, "kv_heads", None) or c.heads
+        return f"flex {c.dtype} B={c.batch} H={c.heads} kv={kv} n={c.seq_len} D={c.head_dim} {mode}"
     return c.impl
 
 
@@ -333,7 +341,7 @@ class Estimator:
 
         self.jobs = {(r["stage"], r["job"]): _num(r["job_s"]) for r in calibration if _num(r.get("job_s"))}
         self.first = column("first_call_s", MEASURING)  # a measured job's first call, caches warm
-        self.cold = column("first_call_s", ["warm-up"])  # flex's graphs, nothing cached
+        self.cold = column("job_s", ["warm-up"])  # a flex shape's graphs (forward and backward), nothing cached
         count = column("count", ["warm-up"])
         self.cpu = {k: (v, count[k]) for k, v in column("cpu_s", ["warm-up"]).items() if k in count}
         self.seen: set[str] = set()
@@ -378,9 +386,10 @@ class Estimator:
             return CUPY_COMPILE_S
         return FIRST_CALL_S
 
-    def warmup(self, compiles: list, flex: list[BenchConfig], procs: int) -> tuple[float, str]:
-        """(seconds, what) of the warm-up: Triton's compiles shared by ``procs``
-        processes, beside flex's graphs :data:`FLEX_PROCS` at a time."""
+    def warmup(self, compiles: list, flex: list[BenchConfig], cores: int) -> tuple[float, str]:
+        """(seconds, what) of the warm-up on ``cores``: Triton's compiles shared by
+        :func:`_procs`' processes, beside flex's graphs."""
+        procs, flex_procs = _procs(cores, len(flex))
         cpu: dict[str, list[float]] = {}
         for task in compiles:
             group = cpu.setdefault(task.group, [0.0, 0.0])
@@ -393,13 +402,13 @@ class Estimator:
             measured_cpu, count = self.cpu.get(f"triton {group}", (None, None))
             total += measured_cpu / count * n if measured_cpu else model_cpu
         triton_s = POOL_START_S + total / max(1, procs) if compiles else 0.0
-        lanes = [0.0] * FLEX_PROCS
+        lanes = [0.0] * max(1, flex_procs)
         for c in flex:
             i = lanes.index(min(lanes))
             lanes[i] += self.cold.get(compile_key(c)) or FLEX_COLD_S[c.mode]
         flex_s = POOL_START_S + max(lanes) if flex else 0.0
         what = (f"{len(compiles)} Triton compiles (~{total:.0f} s of CPU) on {procs} processes: ~{triton_s:.0f} s; "
-                f"{len(flex)} flex graphs, {FLEX_PROCS} at a time: ~{flex_s:.0f} s")  # fmt: skip
+                f"{len(flex)} flex graphs, {flex_procs} at a time: ~{flex_s:.0f} s")  # fmt: skip
         return max(triton_s, flex_s), what
 
 
@@ -772,8 +781,7 @@ def _planned_key(c: BenchConfig, stage: str) -> tuple:
 
 
 def _describe(c: BenchConfig) -> str:
-    extra = (" causal" if c.causal else "") + (f" G={len(c.global_tokens)}" if c.global_tokens else "")
-    return f"{c.dtype} H={c.heads} D={c.head_dim} w={c.window} d={c.dilation}{extra} n={c.seq_len} {c.mode}"
+    return f"{c.dtype} H={c.heads} D={c.head_dim} w={c.window} d={c.dilation}{_extra(c)} n={c.seq_len} {c.mode}"
 
 
 def verdict(rows: list[dict], target_rows: list[dict] | None = None) -> list[dict]:
@@ -956,8 +964,12 @@ def _workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
-def _compile_procs(cores: int, flex: int) -> int:
-    return max(1, cores - min(flex, FLEX_PROCS) - 1)
+def _procs(cores: int, flex: int) -> tuple[int, int]:
+    """(Triton's compile processes, flex's) on ``cores``: flex's graphs at most one per
+    4 cores (inductor compiles with threads of its own), the rest for Triton, one left
+    for the worker."""
+    flex_procs = min(flex, FLEX_PROCS, max(1, cores // 4))
+    return max(1, cores - flex_procs - 1), flex_procs
 
 
 def dry_run(stages: list[str], budget: float, workers: int, calibration: Path = CALIBRATION) -> int:
@@ -978,8 +990,8 @@ def dry_run(stages: list[str], budget: float, workers: int, calibration: Path = 
     except ImportError as e:
         compiles = []
         print(f"  (no Triton here: {e}; its compiles are not counted)")
-    procs = _compile_procs((os.cpu_count() or 16) if env.get("gpu") else 16, len(flex))  # the H100 host's cores
-    warm_s, what = est.warmup(compiles, flex, procs)
+    cores = (os.cpu_count() or 16) if env.get("gpu") else 16  # without a GPU: the H100 host's
+    warm_s, what = est.warmup(compiles, flex, cores)
     prep = PREP_SHARE * budget
     now = min(max(warm_s, 10.0), prep)
     end = budget - RESERVE_S
@@ -1136,7 +1148,7 @@ def _prepare(a: argparse.Namespace, run: Run, jobs: list[Job], t0: float) -> Non
     results: dict = {}
     flex = [dataclasses.replace(c, results_dir=str(run.scratch / "engine")) for c in flex_warmups(jobs)]
     cores = m.cores() or 2
-    procs = _compile_procs(cores, len(flex))
+    procs, flex_procs = _procs(cores, len(flex))
 
     def checks() -> None:
         results["launch"] = m.launch_checks(run.scratch, timeout_s=max(5.0, prep_end - time.time()))
@@ -1165,7 +1177,7 @@ def _prepare(a: argparse.Namespace, run: Run, jobs: list[Job], t0: float) -> Non
 
     def graphs() -> None:
         t = time.perf_counter()
-        done = run_pool(m.measure, flex, min(FLEX_PROCS, len(flex)), prep_end, str(run.scratch / "warmup.log"))
+        done = run_pool(m.measure, flex, flex_procs, prep_end, str(run.scratch / "warmup.log"))
         results["flex"] = (done, time.perf_counter() - t)
 
     log.info("== set-up and warm-up (until %+.0f s)", prep_end - t0)

@@ -37,8 +37,8 @@ def test_a_worker_call_past_its_limit_is_stopped_with_what_it_started(tmp_path):
         with pytest.raises(Stopped):  # the child runs already: the limit is the call's
             w.call(start_and_hang, str(marker), timeout=5)
         grandchild = int(marker.read_text())
-        for _ in range(50):
-            if not _alive(grandchild):
+        for _ in range(300):  # a killed process may take a while to go on a loaded machine
+            if not (_alive(grandchild) or _alive(pid)):
                 break
             time.sleep(0.1)
         assert not _alive(grandchild) and not _alive(pid)
