@@ -103,7 +103,7 @@ def _record(c: BenchConfig) -> list[tuple]:
     }
     recorders = {n: _Recorder(o, out) for n, o in kernels.items()}
     grad = c.mode != "fwd"
-    kv_heads = getattr(c, "kv_heads", None) or c.heads
+    kv_heads = c.kv_heads or c.heads
     # batch 1: no kernel is specialised on it; empty tensors: nothing is touched
     q = torch.empty(1, c.heads, c.seq_len, c.head_dim, dtype=c.torch_dtype())
     k, v = (torch.empty(1, kv_heads, c.seq_len, c.head_dim, dtype=c.torch_dtype()) for _ in range(2))

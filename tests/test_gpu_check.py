@@ -106,9 +106,10 @@ def test_targets_file_optional_columns_default_and_bad_rows_name_their_line(tmp_
     with pytest.raises(gpu_check.BadInput, match=r"line 2: op='=>'"):
         gpu_check.targets(path)
     path.write_text(f"{_HEADER},kv_heads\n{row},8\n")
-    if "kv_heads" not in {f.name for f in dataclasses.fields(gpu_check.BenchConfig)}:
-        with pytest.raises(gpu_check.BadInput, match="line 2: kv_heads=8"):
-            gpu_check.targets(path)
+    assert gpu_check._config(gpu_check.targets(path)[0], "triton").kv_heads == 8
+    path.write_text(f"{_HEADER},kv_heads\n{row},5\n")  # 5 does not divide 16 heads
+    with pytest.raises(gpu_check.BadInput, match="line 2: kv_heads=5: must divide heads=16"):
+        gpu_check.targets(path)
 
 
 # ---------------------------------------------------------------- estimates
