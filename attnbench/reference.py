@@ -5,6 +5,11 @@
 with ``g = h // (H / H_kv)`` the key/value head of query head ``h`` (``g = h`` without
 grouped-query attention).
 
+A key mask (``key_mask``, ``(B, n)`` bool, True where the key is present: a per-sample
+padding mask, holes anywhere) removes keys from every row of its sample on top of the
+pattern. A row left with no key at all (a query whose whole window is padding) is 0,
+and so is its gradient.
+
 In float64 by default (``upcast=True``). With ``upcast=False`` the same formula runs
 in the inputs' dtype, softmax in at least float32: the *control*, PyTorch's own
 error in that precision, which the verification policy (:mod:`attnbench.verify`)
@@ -26,7 +31,7 @@ import torch
 from .ops import repeat_kv
 from .pattern import Pattern
 
-__all__ = ["reference", "reference_rows", "default_scale"]
+__all__ = ["reference", "reference_rows", "default_scale", "with_key_mask"]
 
 
 def default_scale(head_dim: int, scale: float | None = None) -> float:
@@ -34,21 +39,33 @@ def default_scale(head_dim: int, scale: float | None = None) -> float:
     return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
 
 
+def with_key_mask(mask: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """The pattern's mask ``(H, R, n)`` with a key mask ``(B, n)`` (True = present) on top:
+    ``(B, H, R, n)``; without one, ``(1, H, R, n)``."""
+    if key_mask is None:
+        return mask.unsqueeze(0)
+    return mask.unsqueeze(0) & key_mask.to(mask.device)[:, None, None, :]
+
+
 def _masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, upcast: bool
 ) -> torch.Tensor:
-    # q (B, H, R, D), k/v (B, H_kv, n, D), mask (H, R, n) -> (B, H, R, D)
+    # q (B, H, R, D), k/v (B, H_kv, n, D), mask (B or 1, H, R, n) -> (B, H, R, D)
     k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])  # query head h reads kv head h // (H / H_kv)
     if upcast:
         q, k, v = q.double(), k.double(), v.double()
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, R, n)
-    s = s.to(torch.promote_types(s.dtype, torch.float32)).masked_fill(~mask.unsqueeze(0), float("-inf"))
-    p = torch.softmax(s, dim=-1).to(v.dtype)  # every row has at least its own key: no NaN
+    s = s.to(torch.promote_types(s.dtype, torch.float32)).masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    empty = ~mask.any(-1, keepdim=True)  # rows a key mask left without keys: 0, not NaN
+    if bool(empty.any()):
+        p = p.masked_fill(empty, 0.0)
+    p = p.to(v.dtype)
     bad_v = ~torch.isfinite(v)  # (B, H, n, D)
     if not bad_v.any():
         return torch.matmul(p, v)
     out = torch.matmul(p, v.masked_fill(bad_v, 0))
-    hit = torch.matmul(mask.unsqueeze(0).to(torch.float32), bad_v.to(torch.float32)) > 0  # (B, H, R, D)
+    hit = torch.matmul(mask.to(torch.float32), bad_v.to(torch.float32)) > 0  # (B, H, R, D)
     return out.masked_fill(hit, float("nan"))
 
 
@@ -60,6 +77,7 @@ def reference(
     scale: float | None = None,
     *,
     upcast: bool = True,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense masked attention, float64 unless ``upcast=False``.
 
@@ -67,12 +85,13 @@ def reference(
         q: ``(batch, heads, seq, head_dim)``; k, v: ``(batch, kv_heads, seq, head_dim)``,
             ``kv_heads`` dividing ``heads`` (grouped-query attention); any float dtype.
         upcast: compute in float64 (the oracle); False: in the inputs' dtype (the control).
+        key_mask: ``(batch, seq)`` bool, True where the key is present; None: every key.
     Returns:
         ``(batch, heads, seq, head_dim)``, float64 (or the inputs' dtype). Differentiable,
         so it also gives reference gradients.
     """
     B, H, n, D = q.shape
-    mask = pattern.mask(n, heads=H).to(q.device)  # (H, n, n)
+    mask = with_key_mask(pattern.mask(n, heads=H).to(q.device), key_mask)  # (B or 1, H, n, n)
     return _masked_attention(q, k, v, mask, default_scale(D, scale), upcast)
 
 
@@ -85,6 +104,7 @@ def reference_rows(
     scale: float | None = None,
     *,
     upcast: bool = True,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The reference for selected query rows only, in O(len(rows) * n) memory.
 
@@ -95,5 +115,5 @@ def reference_rows(
     rows_t = torch.as_tensor(rows, dtype=torch.long, device=q.device).reshape(-1)
     if rows_t.numel() and (int(rows_t.min()) < 0 or int(rows_t.max()) >= n):
         raise ValueError(f"rows: every row must lie in [0, {n}); got min {int(rows_t.min())}, max {int(rows_t.max())}")
-    mask = pattern.mask_rows(rows_t, n, heads=H)  # (H, R, n)
+    mask = with_key_mask(pattern.mask_rows(rows_t, n, heads=H), key_mask)  # (B or 1, H, R, n)
     return _masked_attention(q.index_select(2, rows_t), k, v, mask, default_scale(D, scale), upcast)

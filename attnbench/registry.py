@@ -12,7 +12,9 @@ in one dtype and device, where ``kv_heads`` divides ``heads`` and query head ``h
 reads key/value head ``h // (heads // kv_heads)`` (grouped-query attention; multi-query
 when ``kv_heads == 1``). An implementation registered with ``native_gqa=True`` reads
 grouped k, v itself; for the others :meth:`Impl.call` repeats k and v per query head
-before the call (inside it, so its memory shows in the measurement).
+before the call (inside it, so its memory shows in the measurement). An implementation
+declaring the ``key_mask`` feature also takes ``key_mask=`` (``(batch, seq)`` bool, True
+where the key is present); it is passed only when a call has one.
 What it supports is data (:class:`Impl`); :meth:`Impl.not_supported_reasons` lists
 every reason a call cannot run, and nothing falls back silently. What an
 implementation chose for its last call (a block mask's build time, autotuned block
@@ -48,8 +50,9 @@ __all__ = [
 ]
 
 #: Features an implementation may declare. ``asymmetric_window``: a non-causal window
-#: whose sides differ, ``(left, right)`` with ``left != right``.
-FEATURES = ("dilation", "per_head_dilation", "global_tokens", "causal", "asymmetric_window", "backward")
+#: whose sides differ, ``(left, right)`` with ``left != right``; ``key_mask``: a per-sample
+#: key mask on top of the pattern (``fn(..., key_mask=...)``, see :func:`attention`).
+FEATURES = ("dilation", "per_head_dilation", "global_tokens", "causal", "asymmetric_window", "key_mask", "backward")
 
 ImplFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Pattern, float], torch.Tensor]
 
@@ -108,13 +111,23 @@ class Impl:
     report: Callable[[], dict] | None = None
     native_gqa: bool = False
 
-    def call(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+    def call(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        pattern: Pattern,
+        scale: float,
+        key_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``fn`` as every caller runs it: k, v ``(B, H_kv, n, D)`` repeated to q's heads
-        first unless the implementation reads grouped heads natively. No checks: see
-        :func:`attention` for the checked entry point."""
+        first unless the implementation reads grouped heads natively; ``key_mask`` passed
+        only when given. No checks: see :func:`attention` for the checked entry point."""
         if k.shape[1] != q.shape[1] and not self.native_gqa:
             k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-        return self.fn(q, k, v, pattern, scale)
+        if key_mask is None:
+            return self.fn(q, k, v, pattern, scale)
+        return self.fn(q, k, v, pattern, scale, key_mask=key_mask)
 
     def estimate_memory(
         self, B: int, H: int, H_kv: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool
@@ -153,8 +166,10 @@ class Impl:
         dtype: torch.dtype,
         backward: bool = False,
         q: torch.Tensor | None = None,
+        key_mask: bool = False,
     ) -> list[str]:
-        """Every reason this implementation cannot run the described call (empty: it can)."""
+        """Every reason this implementation cannot run the described call (empty: it can);
+        ``key_mask``: the call has a key mask."""
         reasons: list[str] = []
         why = self.unavailable_reason()
         if why:
@@ -165,7 +180,7 @@ class Impl:
         if dtype not in self.dtypes:
             names = ", ".join(dtype_name(t) for t in self.dtypes)
             reasons.append(f"dtype {dtype_name(dtype)} not supported (supports {names})")
-        for feat in required_features(pattern, backward=backward):
+        for feat in required_features(pattern, backward=backward, key_mask=key_mask):
             if feat not in self.features:
                 reasons.append(f"feature {feat!r} not supported")
         if q is not None and self.check is not None and not reasons:
@@ -173,8 +188,8 @@ class Impl:
         return reasons
 
 
-def required_features(pattern: Pattern, backward: bool = False) -> list[str]:
-    """The features a call with this pattern needs."""
+def required_features(pattern: Pattern, backward: bool = False, key_mask: bool = False) -> list[str]:
+    """The features a call with this pattern needs (``key_mask``: and a key mask)."""
     need = []
     if pattern.per_head:
         if any(d != 1 for d in pattern.dilation):
@@ -188,6 +203,8 @@ def required_features(pattern: Pattern, backward: bool = False) -> list[str]:
         need.append("causal")
     elif pattern.left != pattern.right:
         need.append("asymmetric_window")
+    if key_mask:
+        need.append("key_mask")
     if backward:
         need.append("backward")
     return need
@@ -357,7 +374,9 @@ def describe() -> list[dict]:
     return rows
 
 
-def validate_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> None:
+def validate_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, key_mask: torch.Tensor | None = None
+) -> None:
     """Shape, dtype and device checks shared by every entry point."""
     if not isinstance(pattern, Pattern):
         raise ValueError(f"pattern: expected attnbench.Pattern, got {type(pattern).__name__}")
@@ -382,6 +401,13 @@ def validate_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: 
     if B < 1 or H < 1 or n < 1 or D < 1:
         raise ValueError(f"q: every dimension must be >= 1, got shape {tuple(q.shape)}")
     pattern.validate(n, H)
+    if key_mask is not None:
+        if not isinstance(key_mask, torch.Tensor) or key_mask.dtype != torch.bool or key_mask.shape != (B, n):
+            got = f"{tuple(key_mask.shape)} {key_mask.dtype}" if isinstance(key_mask, torch.Tensor) else key_mask
+            raise ValueError(f"key_mask: expected a bool tensor (batch, seq) = {(B, n)}, True where the key is "
+                             f"present; got {got}")  # fmt: skip
+        if key_mask.device != q.device:
+            raise ValueError(f"key_mask must be on q's device {q.device}; got {key_mask.device}")
 
 
 def attention(
@@ -391,6 +417,8 @@ def attention(
     pattern: Pattern,
     impl: str = "chunked",
     scale: float | None = None,
+    *,
+    key_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sliding-window attention with the named implementation.
 
@@ -401,19 +429,24 @@ def attention(
         pattern: the :class:`Pattern`.
         impl: a name from :func:`list_impls`.
         scale: softmax scale, ``1/sqrt(head_dim)`` by default.
+        key_mask: ``(batch, seq)`` bool, True where key j of sample b is present (a
+            padding mask, holes anywhere), on top of the pattern; a row left without
+            keys is 0. Needs the ``key_mask`` feature.
     Returns:
         ``(batch, heads, seq, head_dim)`` in the input dtype.
     Raises:
         ValueError: bad inputs; :class:`UnsupportedError` listing every reason the
             implementation cannot run this call (it never falls back to another).
     """
-    validate_inputs(q, k, v, pattern)
+    validate_inputs(q, k, v, pattern, key_mask)
     im = get_impl(impl)
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    reasons = im.not_supported_reasons(pattern, device=q.device, dtype=q.dtype, backward=backward, q=q)
+    reasons = im.not_supported_reasons(
+        pattern, device=q.device, dtype=q.dtype, backward=backward, q=q, key_mask=key_mask is not None
+    )
     if reasons:
         raise UnsupportedError(impl, reasons)
-    out = im.call(q, k, v, pattern, default_scale(q.shape[-1], scale))
+    out = im.call(q, k, v, pattern, default_scale(q.shape[-1], scale), key_mask)
     if out.shape != q.shape or out.dtype != q.dtype:  # a contract, enforced for plugins too
         raise RuntimeError(
             f"impl={impl!r} returned shape {tuple(out.shape)} dtype {out.dtype}; expected {tuple(q.shape)} {q.dtype}"

@@ -107,19 +107,27 @@ def _ok_points(series: list[dict], n: int, column: str) -> list[tuple[int, float
 
 def predict_memory(c: BenchConfig, impl: Impl, series: list[dict]) -> tuple[float | None, str]:
     """Bytes the job needs beyond nothing (inputs included), and where the figure
-    comes from: the series' measured peaks at smaller n, else the implementation's
-    estimate (None: it gives none)."""
+    comes from. With measured peaks at smaller n in the series: the largest one, grown
+    as the implementation's estimate grows (which knows where a window stops growing
+    with n), else with the exponent of the last two points; without: the estimate
+    (None: it gives none)."""
+    est = None if c.model_layers else _estimate(c, impl, c.seq_len)  # the estimate is of the attention call
     pts = _ok_points(series, c.seq_len, "peak_mem_bytes")
     if pts:
         n1, m1 = pts[-1]
+        at_n1 = None if est is None else _estimate(c, impl, n1)
+        if at_n1:
+            return m1 * est / at_n1 + _inputs_bytes(c), f"from n={n1}, grown as the estimate"
         e = _exponent(pts, 2.0, high=2.0)  # attention needs at most quadratic memory
         return m1 * (c.seq_len / n1) ** e + _inputs_bytes(c), f"from n={n1}, exponent {e:.1f}"
-    if c.model_layers:  # the estimate is of the attention call alone
-        return None, ""
+    return (None, "") if est is None else (est + _inputs_bytes(c), "estimate")
+
+
+def _estimate(c: BenchConfig, impl: Impl, n: int) -> float | None:
+    """The implementation's estimate for ``c`` at sequence length ``n``."""
     esize = torch.empty(0, dtype=c.torch_dtype()).element_size()
     kv = c.heads if c.kv_heads is None else c.kv_heads
-    est = impl.estimate_memory(c.batch, c.heads, kv, c.seq_len, c.head_dim, esize, c.pattern(), c.mode != "fwd")
-    return (None, "") if est is None else (est + _inputs_bytes(c), "estimate")
+    return impl.estimate_memory(c.batch, c.heads, kv, n, c.head_dim, esize, c.pattern(), c.mode != "fwd")
 
 
 def _predict_time(c: BenchConfig, series: list[dict], fwd: list[dict]) -> str | None:

@@ -139,16 +139,17 @@ def check_output(
     scale: float | None = None,
     rows: list[int] | None = None,
     what: str = "output",
+    key_mask: torch.Tensor | None = None,
 ) -> Verdict:
     """``out`` (``(B, H, n, D)``) against the reference: every row, or only ``rows``."""
     q, k, v = q.detach(), k.detach(), v.detach()
     if rows is None:
-        ref = reference(q, k, v, pattern, scale)
-        control = reference(q, k, v, pattern, scale, upcast=False)
+        ref = reference(q, k, v, pattern, scale, key_mask=key_mask)
+        control = reference(q, k, v, pattern, scale, upcast=False, key_mask=key_mask)
         got = out
     else:
-        ref = reference_rows(q, k, v, pattern, rows, scale)
-        control = reference_rows(q, k, v, pattern, rows, scale, upcast=False)
+        ref = reference_rows(q, k, v, pattern, rows, scale, key_mask=key_mask)
+        control = reference_rows(q, k, v, pattern, rows, scale, upcast=False, key_mask=key_mask)
         got = out[:, :, rows]
     return judge(got, ref, control, what)
 
@@ -163,15 +164,16 @@ def reference_grads(
     *,
     rows: list[int] | None = None,
     upcast: bool = True,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(dq, dk, dv), each ``(B, H, n, D)``, of the reference (float64, or the control with
     ``upcast=False``) for the output cotangent ``dout``; with ``rows``, of those query
     rows' outputs only (``dout``'s other rows taken as zero), in O(len(rows) * n) memory."""
     leaves = [(t.detach().double() if upcast else t.detach().clone()).requires_grad_() for t in (q, k, v)]
     if rows is None:
-        out = reference(*leaves, pattern, scale, upcast=upcast)
+        out = reference(*leaves, pattern, scale, upcast=upcast, key_mask=key_mask)
     else:
-        out = reference_rows(*leaves, pattern, rows, scale, upcast=upcast)
+        out = reference_rows(*leaves, pattern, rows, scale, upcast=upcast, key_mask=key_mask)
         dout = dout[:, :, rows]
     return torch.autograd.grad(out, leaves, dout.to(out.dtype))
 
@@ -186,6 +188,7 @@ def check_grads(
     scale: float | None = None,
     what: str = "",
     rows: list[int] | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> list[Verdict]:
     """The gradients of ``fn(q, k, v) -> out`` for the cotangent ``dout`` against the
     reference's, one verdict each for dq, dk and dv.
@@ -200,8 +203,8 @@ def check_grads(
         dout = dout * on[:, None]  # (B, H, n, D): the sampled rows' cotangent only
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     got = torch.autograd.grad(fn(*leaves), leaves, dout.to(q.dtype))
-    want = reference_grads(q, k, v, pattern, dout, scale, rows=rows)
-    control = reference_grads(q, k, v, pattern, dout, scale, rows=rows, upcast=False)
+    want = reference_grads(q, k, v, pattern, dout, scale, rows=rows, key_mask=key_mask)
+    control = reference_grads(q, k, v, pattern, dout, scale, rows=rows, upcast=False, key_mask=key_mask)
     where = [slice(None)] * 3
     if rows is not None:
         reached = pattern.mask_rows(torch.as_tensor(rows), n, heads=q.shape[1]).any(0).any(0)  # (n,) keys

@@ -132,21 +132,32 @@ def _merge(x: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @register("chunked", features=FEATURES, memory=_memory)
-def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+def chunked(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """chunks of queries against blocks of keys into an (n, w+1) band, as Longformer / HF (linear memory)"""
     B, H, n, D = q.shape
+    dev = q.device
     lo0, hi0 = pattern.offset_range
     acc = torch.promote_types(q.dtype, torch.float32)  # softmax dtype
-    glob = global_index(pattern, q.device)  # (G,)
+    glob = global_index(pattern, dev)  # (G,)
     G = glob.numel()
-    is_g = torch.zeros(n, dtype=torch.bool, device=q.device)
+    is_g = torch.zeros(n, dtype=torch.bool, device=dev)
     is_g[glob] = True
+    present = torch.ones(1, n, dtype=torch.bool, device=dev) if key_mask is None else key_mask  # (B or 1, n)
     if G:
         kg, vg = k.index_select(2, glob), v.index_select(2, glob)  # (B, H, G, D)
         sg_all = (torch.matmul(q, kg.transpose(-1, -2)) * scale).to(acc)  # (B, H, n, G)
+        g_ok = present[:, None, :].index_select(2, glob)  # (B or 1, 1, G): global keys present
         if pattern.causal:
-            later = glob.view(1, -1) > torch.arange(n, device=q.device).view(-1, 1)  # (n, G)
-            sg_all = sg_all.masked_fill(later, float("-inf"))
+            g_ok = g_ok & (glob.view(1, -1) <= torch.arange(n, device=dev).view(-1, 1))  # (B or 1, n, G)
+        sg_all = sg_all.masked_fill(~g_ok.unsqueeze(1), float("-inf"))
+        g_any = g_ok.any(-1).expand(-1, n)  # (B or 1, n): rows that have a global key
 
     parts = []
     for d, heads in head_groups(pattern, H):
@@ -163,14 +174,24 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
         s = _band_scores(qs * scale, kc, W, C)  # (B, Hg, d, M, W)
 
         # which band entries are real keys of real rows: r = class, t = row, b = column
-        r = torch.arange(d, device=q.device).view(d, 1, 1)
-        t = torch.arange(M, device=q.device).view(1, M, 1)
-        b = torch.arange(W, device=q.device).view(1, 1, W)
+        r = torch.arange(d, device=dev).view(d, 1, 1)
+        t = torch.arange(M, device=dev).view(1, M, 1)
+        b = torch.arange(W, device=dev).view(1, 1, W)
         u = t + lo + b  # key index inside the class
         j = r + d * u  # original key position   # (d, M, W)
         valid = (u >= 0) & (j < n)
         if G:
             valid &= ~is_g[j.clamp(0, n - 1)]  # global keys live in their own columns
+        empty = None
+        if key_mask is not None:
+            valid = valid & present[:, j.clamp(0, n - 1)]  # (B, d, M, W): keys present in each sample
+            # rows a key mask left without keys: one finite score, and 0 out (as the reference)
+            has = valid.any(-1)  # (B, d, M)
+            if G:
+                has = has | _split(g_any[:, None, :, None].to(torch.uint8), d, M)[:, 0, ..., 0].bool()
+            empty = ~has & (r[..., 0] + d * t[..., 0] < n)  # (B, d, M)
+            valid = valid | ((b == -lo) & empty[..., None])
+            valid = valid.unsqueeze(1)  # (B, 1, d, M, W)
         valid |= (b == -lo) & (r + d * t >= n)  # padding rows keep one finite score: no NaN
         s = s.to(acc).masked_fill_(~valid, float("-inf"))  # s is a fresh tensor: in place
         if G:
@@ -180,14 +201,18 @@ def chunked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
         o = _band_av(p[..., :W], vc, C)  # (B, Hg, d, M, D)
         if G:
             o = o + torch.matmul(p[..., W:], gather_heads(vg, heads).unsqueeze(2))  # (B,Hg,d,M,G)@(B,Hg,1,G,D)
+        if empty is not None:
+            o = o.masked_fill(empty[:, None, :, :, None], 0.0)
         parts.append((heads, _merge(o, n)))  # (B, Hg, n, D)
     out = scatter_heads(parts, H)
 
     if G:
-        # global rows attend to every key (j <= g when causal): dense (B, H, G, n)
+        # global rows attend to every key present (j <= g when causal): dense (B, H, G, n)
         sr = (torch.matmul(q.index_select(2, glob), k.transpose(-1, -2)) * scale).to(acc)
+        ok = present[:, None, None, :]  # (B or 1, 1, 1, n)
         if pattern.causal:
-            sr = sr.masked_fill(torch.arange(n, device=q.device).view(1, -1) > glob.view(-1, 1), float("-inf"))
-        og = torch.matmul(torch.softmax(sr, dim=-1).to(v.dtype), v)  # (B, H, G, D)
-        out = out.index_copy(2, glob, og)
+            ok = ok & (torch.arange(n, device=dev).view(1, -1) <= glob.view(-1, 1))  # (B or 1, 1, G, n)
+        none = ~ok.any(-1, keepdim=True)  # global rows without a key: 0
+        og = torch.matmul(torch.softmax(sr.masked_fill(~(ok | none), float("-inf")), dim=-1).to(v.dtype), v)
+        out = out.index_copy(2, glob, og.masked_fill(none, 0.0) if key_mask is not None else og)  # (B, H, G, D)
     return out

@@ -116,39 +116,53 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_block_mask(pattern: Pattern, seq_len: int, heads: int, device: torch.device | str) -> tuple[Any, float]:
-    """Build (uncached) the ``BlockMask`` of ``pattern``; returns ``(mask, milliseconds)``.
+def build_block_mask(
+    pattern: Pattern, seq_len: int, heads: int, device: torch.device | str, key_mask: torch.Tensor | None = None
+) -> tuple[Any, float]:
+    """Build (uncached) the ``BlockMask`` of ``pattern``, and of ``key_mask`` ``(B, n)``
+    on top when given; returns ``(mask, milliseconds)``.
 
     The mask has one head row when the dilation is shared by all heads (the kernel
-    broadcasts it), ``heads`` rows for a per-head dilation. Above ``EAGER_MASK_LIMIT``
-    entries the builder is compiled: its first use for a shape includes compilation
-    (build twice to time the warm builder).
+    broadcasts it), ``heads`` rows for a per-head dilation; one batch row, or ``B`` with
+    a key mask. Above ``EAGER_MASK_LIMIT`` entries the builder is compiled: its first use
+    for a shape includes compilation (build twice to time the warm builder).
     """
     from torch.nn.attention.flex_attention import create_block_mask
 
     dev = torch.device(device)
     mask_mod = pattern.mask_mod(seq_len, heads, dev)
+    B = None
+    if key_mask is not None:
+        B, present, window = key_mask.shape[0], key_mask.to(dev), mask_mod
+
+        def mask_mod(b, h, q_idx, kv_idx):  # the window, and key kv_idx present in sample b
+            return window(b, h, q_idx, kv_idx) & present[b, kv_idx]
+
     hm = heads if pattern.per_head else None
-    big = (hm or 1) * seq_len * seq_len > EAGER_MASK_LIMIT
+    big = (B or 1) * (hm or 1) * seq_len * seq_len > EAGER_MASK_LIMIT
     builder = _compiled_builder() if big else create_block_mask
     _sync(dev)
     t0 = time.perf_counter()
-    bm = builder(mask_mod, None, hm, seq_len, seq_len, device=dev)
+    bm = builder(mask_mod, B, hm, seq_len, seq_len, device=dev)
     _sync(dev)
     return bm, (time.perf_counter() - t0) * 1e3
 
 
-def get_block_mask(pattern: Pattern, seq_len: int, heads: int, device: torch.device | str) -> Any:
-    """The cached ``BlockMask`` (built on a miss); updates :data:`last_timing`."""
+def get_block_mask(
+    pattern: Pattern, seq_len: int, heads: int, device: torch.device | str, key_mask: torch.Tensor | None = None
+) -> Any:
+    """The cached ``BlockMask`` (built on a miss); updates :data:`last_timing`. With a key
+    mask the entry holds a copy of it and is used only for a key mask equal to it in
+    every entry, so a mask changed in place is never served a stale block mask."""
     dev = torch.device(device)
-    key = (seq_len, heads, pattern, str(dev))
-    bm = _MASKS.get(key)
-    if bm is not None:
+    key = (seq_len, heads, pattern, str(dev), None if key_mask is None else tuple(key_mask.shape))
+    hit = _MASKS.get(key)
+    if hit is not None and (key_mask is None or torch.equal(hit[1], key_mask)):
         _MASKS.move_to_end(key)
         last_timing.update(block_mask_ms=0.0, cached=True)
-        return bm
-    bm, ms = build_block_mask(pattern, seq_len, heads, dev)
-    _MASKS[key] = bm
+        return hit[0]
+    bm, ms = build_block_mask(pattern, seq_len, heads, dev, key_mask)
+    _MASKS[key] = (bm, None if key_mask is None else key_mask.clone())
     while len(_MASKS) > CACHE_SIZE:
         _MASKS.popitem(last=False)
     last_timing.update(block_mask_ms=ms, cached=False)
@@ -178,11 +192,20 @@ def clear_cache() -> None:
     report=report,
     native_gqa=True,
 )
-def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+def flex(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """PyTorch FlexAttention, compiled, exact mask_mod, cached 128x128 BlockMask
 
     q ``(B, H, n, D)``, k, v ``(B, H_kv, n, D)`` -> ``(B, H, n, D)`` through compiled
-    ``flex_attention`` (``enable_gqa`` when H_kv < H; the mask_mod's ``h`` is the query head).
+    ``flex_attention`` (``enable_gqa`` when H_kv < H; the mask_mod's ``h`` is the query
+    head); a key mask ``(B, n)`` joins the mask_mod (a row left without keys is 0, as
+    FlexAttention gives it).
     """
     B, H, n, D = q.shape
     cpu = q.device.type == "cpu"
@@ -191,7 +214,7 @@ def flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, sc
             raise UnsupportedError("flex", [_CPU_INFERENCE_ONLY])
         # FlexAttention refuses CPU inputs that require grad even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()
-    bm = get_block_mask(pattern, n, H, q.device)
+    bm = get_block_mask(pattern, n, H, q.device, key_mask)
     fn = _compiled_flex()
     # On the CPU (inference only) always call in no_grad mode: dynamo guards on the
     # grad mode, so this saves a second compilation per shape.

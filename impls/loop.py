@@ -30,7 +30,14 @@ def _extra_globals(i: int, d: int, lo: int, hi: int, globs: tuple[int, ...], cau
 
 
 @register("loop", features=FEATURES, memory=_memory)
-def loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+def loop(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Python loop over queries gathering each row's keys (linear memory, slow)"""
     B, H, n, D = q.shape
     lo, hi = pattern.offset_range
@@ -46,12 +53,13 @@ def loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, sc
         rows = []
         for i in range(n):
             if i in gset:  # a global query: every key (j <= i when causal)
-                kk, vv = kg[:, :, : i + 1 if pattern.causal else n], vg[:, :, : i + 1 if pattern.causal else n]
+                end = i + 1 if pattern.causal else n
+                kk, vv, keys = kg[:, :, :end], vg[:, :, :end], slice(0, end)
             else:
                 # window keys i + d*c, truncated at the edges: a strided view, no copy
                 j0 = i + d * max(lo, -(i // d))
                 j1 = i + d * min(hi, (n - 1 - i) // d)
-                kk, vv = kg[:, :, j0 : j1 + 1 : d], vg[:, :, j0 : j1 + 1 : d]  # (B, Hg, K, D)
+                kk, vv, keys = kg[:, :, j0 : j1 + 1 : d], vg[:, :, j0 : j1 + 1 : d], slice(j0, j1 + 1, d)  # (B,Hg,K,D)
                 extra = _extra_globals(i, d, lo, hi, pattern.global_tokens, pattern.causal)
                 if extra:
                     idx = torch.tensor(extra, device=q.device)
@@ -59,7 +67,15 @@ def loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, sc
                     vv = torch.cat([vv, vg.index_select(2, idx)], dim=2)
             kk, vv = kk.to(q.dtype), vv.to(q.dtype)
             s = torch.matmul(kk, qg[:, :, i, :, None]).squeeze(-1) * scale  # (B, Hg, K)
-            p = torch.softmax(s.to(acc), dim=-1).to(v.dtype)
-            rows.append(torch.matmul(p.unsqueeze(-2), vv).squeeze(-2))  # (B, Hg, D)
+            if key_mask is None:
+                p = torch.softmax(s.to(acc), dim=-1)
+            else:  # the row's keys present in each sample; a row left without any is 0
+                ok = key_mask[:, keys]  # (B, K)
+                if i not in gset and extra:
+                    ok = torch.cat([ok, key_mask.index_select(1, idx)], dim=1)
+                ok = ok[:, None, :]  # (B, 1, K)
+                p = torch.softmax(s.to(acc).masked_fill(~ok, float("-inf")), dim=-1)
+                p = p.masked_fill(~ok.any(-1, keepdim=True), 0.0)
+            rows.append(torch.matmul(p.to(v.dtype).unsqueeze(-2), vv).squeeze(-2))  # (B, Hg, D)
         parts.append((heads, torch.stack(rows, dim=2)))  # (B, Hg, n, D)
     return scatter_heads(parts, H)

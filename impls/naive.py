@@ -1,7 +1,7 @@
 """naive: the paper's full self-attention, dense QK^T masked to the pattern.
 
 S = scale * Q K^T            # (B, H, n, n): quadratic memory
-P = softmax(S masked to Pattern.mask)
+P = softmax(S masked to Pattern.mask, and the key mask if any)
 O = P V
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from attnbench import FEATURES, Pattern, register
+from attnbench.reference import with_key_mask
 
 
 def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
@@ -21,12 +22,21 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
 
 
 @register("naive", features=FEATURES, memory=_memory)
-def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+def naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """full n x n attention masked to the pattern (quadratic memory)"""
     B, H, n, D = q.shape
-    mask = pattern.mask(n, heads=H).to(q.device)  # (H, n, n)
+    mask = with_key_mask(pattern.mask(n, heads=H).to(q.device), key_mask)  # (B or 1, H, n, n)
     s = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, n, n), input dtype as users write it
     # softmax in at least fp32, as HF and FlashAttention do
     s = s.to(torch.promote_types(s.dtype, torch.float32)).masked_fill(~mask, float("-inf"))
-    p = torch.softmax(s, dim=-1).to(v.dtype)
-    return torch.matmul(p, v)  # (B, H, n, D)
+    p = torch.softmax(s, dim=-1)
+    if key_mask is not None:  # a row the key mask left without keys is 0, not NaN
+        p = p.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return torch.matmul(p.to(v.dtype), v)  # (B, H, n, D)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from attnbench import FEATURES, Pattern, register
+from attnbench.reference import with_key_mask
 
 
 def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
@@ -34,11 +35,25 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
 
 
 @register("sdpa", features=FEATURES, memory=_memory)
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """F.scaled_dot_product_attention with the dense (H, n, n) boolean mask (quadratic)
 
-    q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)``.
+    q, k, v ``(B, H, n, D)`` -> ``(B, H, n, D)``; ``key_mask`` ``(B, n)`` makes the mask
+    ``(B, H, n, n)``.
     """
     B, H, n, D = q.shape
-    mask = pattern.mask(n, heads=H).to(q.device).unsqueeze(0)  # (1, H, n, n)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    mask = with_key_mask(pattern.mask(n, heads=H).to(q.device), key_mask)  # (B or 1, H, n, n)
+    if key_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    # a row the key mask left without keys is 0: give it every key (SDPA's result for a
+    # fully masked row is not finite in every backend), then zero it, gradient included
+    empty = ~mask.any(-1, keepdim=True)  # (B, H, n, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | empty, scale=scale)
+    return out.masked_fill(empty, 0.0)

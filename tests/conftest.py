@@ -32,17 +32,35 @@ def rand_dout(q: torch.Tensor, seed: int = 1) -> torch.Tensor:
     return torch.randn(q.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(q.device)
 
 
-def assert_output_ok(out, q, k, v, pattern, what: str, scale: float | None = None) -> None:
+def assert_output_ok(out, q, k, v, pattern, what: str, scale: float | None = None, key_mask=None) -> None:
     """``out`` passes the verification policy (attnbench.verify) against the reference;
     the failure message states the max and mean difference and the tolerance."""
-    verdict = check_output(out, q, k, v, pattern, scale, what=what)
+    verdict = check_output(out, q, k, v, pattern, scale, what=what, key_mask=key_mask)
     assert verdict.ok, str(verdict)
 
 
-def assert_grads_ok(fn, q, k, v, pattern, what: str, scale: float | None = None, dout=None) -> None:
+def assert_grads_ok(fn, q, k, v, pattern, what: str, scale: float | None = None, dout=None, key_mask=None) -> None:
     """The gradients of ``fn(q, k, v)`` pass the verification policy, each of dq, dk, dv."""
-    for verdict in check_grads(fn, q, k, v, pattern, rand_dout(q) if dout is None else dout, scale, what):
+    dout = rand_dout(q) if dout is None else dout
+    for verdict in check_grads(fn, q, k, v, pattern, dout, scale, what, key_mask=key_mask):
         assert verdict.ok, str(verdict)
+
+
+def rand_key_mask(B: int, n: int, seed: int = 2) -> torch.Tensor:
+    """A key mask ``(B, n)`` (True = present) with every kind of gap, sample by sample:
+    none; right padding (a fifth of the keys); left padding (a tenth) and holes anywhere
+    (about a third of the rest); then the same again. Left padding leaves the first rows
+    of a causal window without any key."""
+    g = torch.Generator().manual_seed(seed)
+    out = torch.ones(B, n, dtype=torch.bool)
+    for b in range(B):
+        kind = b % 3
+        if kind == 1:
+            out[b, n - max(1, n // 5) :] = False
+        elif kind == 2:
+            out[b, : max(1, n // 10)] = False
+            out[b] &= torch.rand(n, generator=g) > 0.35
+    return out.to(DEVICE)
 
 
 class Nudge(torch.autograd.Function):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import DEVICE, assert_grads_ok, assert_output_ok, impl_or_skip, rand_qkv
+from conftest import DEVICE, assert_grads_ok, assert_output_ok, impl_or_skip, rand_key_mask, rand_qkv
 
 import attnbench
 from attnbench import Pattern
@@ -33,6 +33,7 @@ class Case:
     pattern: Pattern
     small: bool = False  # also run for slow_on_cpu implementations
     KV: int | None = None  # key/value heads (grouped-query attention); None: H
+    key_mask: bool = False  # a per-sample key mask on top (conftest.rand_key_mask)
 
     def __str__(self) -> str:
         return self.id
@@ -73,6 +74,10 @@ CASES = [
     ),  # fmt: skip
     Case("b2-n257-gqa8-2-lr-d2", 2, 8, 257, 32, Pattern((20, 11), 2, False, (0, 128)), KV=2),
     Case("n257-mqa8-1-lr", 1, 8, 257, 64, Pattern((127, 64)), KV=1),
+    # key masks with holes anywhere, right and left padding (rows left without keys)
+    Case("b3-n97-keys", 3, 2, 97, 16, Pattern(8), small=True, key_mask=True),
+    Case("b3-n97-keys-causal-d2-g-gqa", 3, 4, 97, 16, Pattern(7, 2, True, (0, 50)), small=True, KV=2, key_mask=True),
+    Case("b3-n257-keys-lr-perhead-g", 3, 4, 257, 32, Pattern((9, 4), (1, 2, 1, 3), False, (10, 200)), key_mask=True),
 ]
 
 #: slow_on_cpu implementations on the CPU: fp32 everywhere, low precision on a few cases
@@ -100,7 +105,8 @@ def _params(dtypes: list[torch.dtype], backward: bool):
         for case in CASES:
             if slow and not case.small:
                 continue
-            if not set(attnbench.registry.required_features(case.pattern, backward=backward)) <= im.features:
+            needs = attnbench.registry.required_features(case.pattern, backward=backward, key_mask=case.key_mask)
+            if not set(needs) <= im.features:
                 continue  # a refusal, tested with the registry
             for dt in dtypes:
                 if dt not in im.dtypes:
@@ -120,9 +126,10 @@ def test_forward(impl, case, dtype):
     impl_or_skip(impl)
     assert case is not None
     q, k, v = rand_qkv(case.B, case.H, case.n, case.D, dtype, kv_heads=case.KV)
-    out = attnbench.attention(q, k, v, case.pattern, impl=impl)
+    km = rand_key_mask(case.B, case.n) if case.key_mask else None
+    out = attnbench.attention(q, k, v, case.pattern, impl=impl, key_mask=km)
     assert out.shape == q.shape and out.dtype == dtype
-    assert_output_ok(out, q, k, v, case.pattern, f"{impl} {case}")
+    assert_output_ok(out, q, k, v, case.pattern, f"{impl} {case}", key_mask=km)
 
 
 @pytest.mark.parametrize("impl, case, dtype", _params(GRAD_DTYPES, backward=True))
@@ -130,9 +137,9 @@ def test_backward(impl, case, dtype):
     impl_or_skip(impl)
     assert case is not None
     q, k, v = rand_qkv(case.B, case.H, case.n, case.D, dtype, kv_heads=case.KV)
-    assert_grads_ok(
-        lambda *x: attnbench.attention(*x, case.pattern, impl=impl), q, k, v, case.pattern, f"{impl} {case}"
-    )
+    km = rand_key_mask(case.B, case.n) if case.key_mask else None
+    assert_grads_ok(lambda *x: attnbench.attention(*x, case.pattern, impl=impl, key_mask=km), q, k, v, case.pattern,
+                    f"{impl} {case}", key_mask=km)  # fmt: skip
 
 
 @pytest.mark.parametrize("impl", attnbench.list_impls())

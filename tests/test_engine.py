@@ -20,7 +20,7 @@ from attnbench import Pattern
 from attnbench import measure as measure_mod
 from attnbench.config import BenchConfig
 from attnbench.results import COLUMNS, base_row, format_rows
-from attnbench.sweep import measure, predict_memory, sweep
+from attnbench.sweep import _inputs_bytes, measure, predict_memory, sweep
 from attnbench.tables import read_rows
 from attnbench.verify import check_grads
 
@@ -243,17 +243,34 @@ def test_memory_guard_skips_naive_at_32k(tmp_path):
     assert row["mem_estimate_bytes"] > 12 * 32768**2 * 4
 
 
-def test_memory_prediction_follows_the_series_measured_peaks():
-    """Measured peaks at smaller n predict the next (exponent from the last two), in place
-    of the implementation's estimate."""
+def test_memory_prediction_follows_the_series_measured_peaks(throwaway):
+    """Measured peaks at smaller n predict the next, in place of the implementation's
+    estimate: grown as the estimate grows where there is one (it knows where a window
+    stops growing with n), else with the exponent of the last two points."""
     c = BenchConfig(impl="naive", seq_len=8192, heads=12, head_dim=64, device="cpu").resolved()
     impl = attnbench.get_impl("naive")
     series = [dict(status="ok", seq_len=n, peak_mem_bytes=m) for n, m in ((2048, 1e9 / 16), (4096, 1e9 / 4))]
     need, source = predict_memory(c, impl, series)
     inputs = 3 * 12 * 8192 * 64 * 4
-    assert source == "from n=4096, exponent 2.0" and need == pytest.approx(1e9 + inputs)
+    assert source == "from n=4096, grown as the estimate"
+    assert need == pytest.approx(1e9 / 4 * _est(c, impl, 8192) / _est(c, impl, 4096) + inputs)
+    assert 0.9e9 < need - inputs < 1e9  # naive's estimate grows as n^2, less a linear part
     estimate, source = predict_memory(c, impl, [])
-    assert source == "estimate" and estimate > need  # the estimate is the cautious one
+    assert source == "estimate" and estimate > need  # the estimate alone is the cautious one
+    throwaway("no_estimate")  # no memory estimate: the series' own exponent
+    need, source = predict_memory(dataclasses.replace(c, impl="no_estimate"), attnbench.get_impl("no_estimate"),
+                                  series)  # fmt: skip
+    assert source == "from n=4096, exponent 2.0" and need == pytest.approx(1e9 + inputs)
+    # a causal (4095, 0) window stops growing as n^2 at n = 4096: chunked's peak from 2048 to 8192
+    w = dataclasses.replace(c, impl="chunked", window=4095, causal=True, heads=32, kv_heads=8, head_dim=128)
+    chunked = attnbench.get_impl("chunked")
+    need, source = predict_memory(w, chunked, [dict(status="ok", seq_len=2048, peak_mem_bytes=2.4e9)])
+    grown = (need - _inputs_bytes(w)) / 2.4e9
+    assert source == "from n=2048, grown as the estimate" and 2.0 < grown < 8.0  # n^2 would be 16x
+
+
+def _est(c, impl, n):
+    return impl.estimate_memory(c.batch, c.heads, c.kv_heads, n, c.head_dim, 4, c.pattern(), False)
 
 
 def test_hang_is_stopped_and_recorded(tmp_path):
