@@ -15,6 +15,7 @@ from fresh_python import run_fresh
 
 import attnbench
 from attnbench import Pattern, UnsupportedError
+from attnbench.verify import check_output
 
 
 def _check_forward(impl: str, shape: tuple[int, int, int, int], p: Pattern, dtype: torch.dtype, scale=None) -> None:
@@ -65,6 +66,27 @@ def test_flex_forward_bf16_and_mask_cache() -> None:
     _check_forward("flex", FLEX_SHAPE, p, torch.bfloat16)
     assert flex.last_timing == {"block_mask_ms": 0.0, "cached": True}
     assert attnbench.get_impl("flex").last_call()["setup_ms"] == 0.0  # what a result row records
+
+
+def test_flex_refuses_the_cpu_shapes_pytorch_gets_wrong() -> None:
+    """The refusal stands on a live reproduction: PyTorch's compiled CPU kernel at
+    head_dim 16, n = 40 (see impls/flex.py). When a PyTorch release fixes it, this test
+    fails, and the refusal can go."""
+    impl_or_skip("flex")
+    if DEVICE != "cpu":
+        pytest.skip("a bug of the CPU kernel")
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    q, k, v = rand_qkv(1, 1, 40, 16, torch.float32)
+    _refused("flex", q, Pattern(16), "head_dim=16, seq_len=40")
+    assert not attnbench.get_impl("flex").check(torch.empty(1, 1, 72, 16), Pattern(16))  # n = 72: right
+    near = lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= 8  # noqa: E731
+    bm = create_block_mask(near, None, None, 40, 40, device="cpu")
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=bm, scale=0.25)
+    verdict = check_output(got, q, k, v, Pattern(16), 0.25)
+    assert not verdict.ok, f"PyTorch {torch.__version__} computes this right now: lift the refusal ({verdict})"
 
 
 def test_flex_backward() -> None:

@@ -17,6 +17,7 @@ from attnbench.verify import judge
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[hf]')")
 import attnbench.hf as hf  # noqa: E402
+from transformers.models.longformer.modeling_longformer import LongformerSelfAttention  # noqa: E402
 
 #: implementations that run here with global tokens and backward; flex's CPU path is inference only
 IMPLS = ["naive", "loop", "chunked", "sdpa", "hf_longformer", "flex", "triton"]
@@ -124,22 +125,78 @@ def test_led_encoder(impl):
 def test_patch_and_unpatch_are_exact_and_reversible():
     model = longformer()
     layers = hf.patched_layers(model)
-    assert len(layers) == 2 and all("forward" not in vars(layer) for layer in layers)
+    assert len(layers) == 2 and all(type(layer) is LongformerSelfAttention for layer in layers)
     hf.patch(model, impl="chunked")
+    assert all(type(layer) is hf.AttnbenchLongformerSelfAttention for layer in layers)
     assert all(layer._attnbench["impl"] == "chunked" for layer in layers)
     assert [layer._attnbench["window"] for layer in layers] == [4, 8]  # each layer's own window
     hf.unpatch(model)
-    assert all("forward" not in vars(layer) and "_attnbench" not in vars(layer) for layer in layers)
+    assert all(type(layer) is LongformerSelfAttention and "_attnbench" not in vars(layer) for layer in layers)
 
 
 def test_samples_are_grouped_once_per_forward():
-    """Every layer gets the same masks: the grouping (a device sync on CUDA) runs once."""
+    """Every layer gets the same masks: the grouping (a device sync on CUDA) runs once.
+    With key masks every sample keeps Hugging Face's padded length (27 -> 32, a multiple
+    of the largest window) and is grouped by its global positions; without, by length."""
+    x = inputs()
+    for impl, groups in (("chunked", {(32, (0, 13)): [0], (32, (2,)): [1], (32, ()): [2]}),
+                         ("hf_longformer", {(27, (0, 13)): [0], (19, (2,)): [1], (23, ()): [2]})):  # fmt: skip
+        model = hf.patch(longformer(), impl=impl)
+        hf._GROUPS.clear()
+        with torch.no_grad():
+            model(**x)
+        ((_, _, got),) = hf._GROUPS.values()  # one entry for the two layers
+        assert got == groups, impl
+
+
+def test_left_padding_and_holes_with_key_masks():
+    """Masks with holes anywhere (Hugging Face's own tests use random masks) and left
+    padding are computed exactly by an implementation with key masks."""
+    x = inputs()
+    x["attention_mask"] = torch.ones(B, N, dtype=torch.long)
+    x["attention_mask"][1, :6] = 0  # left padding
+    x["attention_mask"][2, 3:5] = 0  # holes
+    x["attention_mask"][2, 17:23] = 0
+    x["global_attention_mask"][2] = 0
+    x["global_attention_mask"][2, 9] = 1
+    for impl in ("chunked", "naive"):
+        _check(longformer(), x, impl)
+    x["decoder_input_ids"] = x["input_ids"][:, :5]
+    _check(led(), x, "chunked")
+
+
+def test_a_mask_changed_in_place_is_never_served_stale_groups():
+    """The grouping is reused only for masks equal in every entry: a layer called again
+    with a mask tensor changed in place computes with the new mask."""
+    x = inputs()
     model = hf.patch(longformer(), impl="chunked")
-    hf._GROUPS.clear()
     with torch.no_grad():
-        model(**inputs())
-    ((_, _, groups),) = hf._GROUPS.values()  # one entry for the two layers
-    assert groups == {(27, (0, 13)): [0], (19, (2,)): [1], (23, ()): [2]}
+        model(**x)
+        x["attention_mask"][0, 20:] = 0  # in place: the same tensor, other values
+        x["global_attention_mask"][1, 2] = 0
+        got = model(**x).last_hidden_state
+        fresh = hf.patch(longformer(), impl="chunked")
+        hf._GROUPS.clear()
+        want = fresh(**{k: v.clone() for k, v in x.items()}).last_hidden_state
+    assert torch.equal(got, want)
+
+
+def test_a_patched_model_saves_and_loads(tmp_path):
+    """torch.save of the whole patched model loads as a patched model; save_pretrained
+    keeps Hugging Face's weights, and the model from_pretrained (unpatched) patches again
+    to the same outputs."""
+    x = inputs()
+    model = hf.patch(longformer(), impl="chunked")
+    torch.save(model, tmp_path / "model.pt")
+    again = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert all(type(layer) is hf.AttnbenchLongformerSelfAttention for layer in hf.patched_layers(again))
+    model.save_pretrained(tmp_path / "pretrained")
+    loaded = transformers.LongformerModel.from_pretrained(tmp_path / "pretrained").eval()
+    assert all(type(layer) is LongformerSelfAttention for layer in hf.patched_layers(loaded))
+    with torch.no_grad():
+        want = model(**x).last_hidden_state
+        assert torch.equal(again(**x).last_hidden_state, want)
+        assert torch.equal(hf.patch(loaded, impl="chunked")(**x).last_hidden_state, want)
 
 
 def test_refusals_say_why():
@@ -154,8 +211,8 @@ def test_refusals_say_why():
     with pytest.raises(ValueError, match="attention dropout in training mode"):
         hf.patch(dropout.train(), impl="chunked")(**x)
     left = dict(x, attention_mask=x["attention_mask"].flip(1))
-    with pytest.raises(ValueError, match="padding on the right only"):
-        model(**left)
+    with pytest.raises(ValueError, match="need an implementation with key masks"):
+        hf.patch(longformer(), impl="hf_longformer")(**left)
     with pytest.raises(attnbench.UnsupportedError, match="dilation"):
         hf.patch(longformer(), impl="hf_longformer", patterns={0: {"dilation": 2}})(**x)
     with pytest.raises(ValueError, match="unknown key"):
