@@ -16,8 +16,9 @@ import attnbench
 from attnbench.verify import judge
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install -e '.[hf]')")
-import attnbench.hf as hf  # noqa: E402
 from transformers.models.longformer.modeling_longformer import LongformerSelfAttention  # noqa: E402
+
+import attnbench.hf as hf  # noqa: E402
 
 #: implementations that run here with global tokens and backward; flex's CPU path is inference only
 IMPLS = ["naive", "loop", "chunked", "sdpa", "hf_longformer", "flex", "triton"]
