@@ -19,9 +19,12 @@ import torch
 from .dtypes import DTYPES, parse_dtype
 from .pattern import Pattern
 
-__all__ = ["BenchConfig", "RunConfig", "SETTINGS", "MODES", "DEVICES", "setting_error", "device_tag"]
+__all__ = ["BenchConfig", "RunConfig", "SETTINGS", "MODES", "DEVICES", "MODELS", "setting_error", "device_tag"]
 
 MODES = ("fwd", "bwd", "fwd_bwd")
+#: the model families a measurement can run inside (attnbench.model), and their labels
+MODELS = {"longformer": "longformer-base-shaped", "modernbert": "modernbert-base-shaped",
+          "mistral": "mistral-7b-shaped"}  # fmt: skip
 DEVICES = ("auto", "cpu", "cuda")
 ISOLATE = ("auto", "true", "false")
 
@@ -67,7 +70,8 @@ class BenchConfig:
     allow_slow: bool = False  # ... unless allowed
     isolate: Any = "auto"  # a child process per job: auto (= true), true or false
     profile: bool = False  # one more call under torch.profiler: results/profiles/<study>/...
-    model_layers: int = 0  # 0: the attention call alone; L: inside an L-layer Longformer encoder (attnbench.model)
+    model_layers: int = 0  # 0: the attention call alone; L: inside an L-layer model (attnbench.model)
+    model: str = "longformer"  # the model family model_layers builds: longformer, modernbert, mistral
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -76,6 +80,15 @@ class BenchConfig:
             _RULES[f.name](f.name, getattr(self, f.name))
         if self.max_reps < self.min_reps:
             raise ValueError(f"max_reps={self.max_reps!r}: must be >= min_reps={self.min_reps}")
+        if self.model_layers and self.model != "longformer":
+            p = self.pattern()
+            ok = {"modernbert": not p.causal and p.left == p.right, "mistral": p.causal}[self.model]
+            if not ok or p.dilation != 1 or p.global_tokens:
+                raise ValueError(
+                    f"model={self.model!r}: its sliding layers have "
+                    + ("a symmetric window, not causal" if self.model == "modernbert" else "a causal window")
+                    + f", no dilation and no global tokens; got {p.describe()}"
+                )
         if self.kv_heads is not None and self.heads % self.kv_heads:
             raise ValueError(
                 f"kv_heads={self.kv_heads!r}: must divide heads={self.heads} "
@@ -258,6 +271,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "isolate": _choice(ISOLATE),
     "profile": _bool,
     "model_layers": _int(0),
+    "model": _choice(tuple(MODELS)),
     "resume": _bool,
     "row_files": _choice(ISOLATE),
     "sweep": _any,

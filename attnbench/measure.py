@@ -340,7 +340,7 @@ def measure_here(c: BenchConfig, impl: Impl) -> dict:
         torch.set_num_threads(c.threads)
     torch.manual_seed(c.seed)
     try:
-        if c.model_layers:  # inside a Longformer encoder (attnbench.model)
+        if c.model_layers:  # inside a model (attnbench.model)
             from .model import ModelCase
 
             case = ModelCase.build(c, impl)

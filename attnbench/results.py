@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .config import BenchConfig
+from .config import MODELS, BenchConfig
 
 __all__ = [
     "COLUMNS",
@@ -156,7 +156,7 @@ def base_row(c: BenchConfig) -> dict:
         "device": c.device,
         "device_name": device_name(c.device),
         "mode": c.mode,
-        "model": f"longformer-base-shaped, {c.model_layers} layers" if c.model_layers else "",
+        "model": f"{MODELS[c.model]}, {c.model_layers} layers" if c.model_layers else "",
         # useful attention work; none for a whole model, whose work is mostly elsewhere
         "flops": None
         if c.model_layers

@@ -199,3 +199,39 @@ def test_a_model_with_the_backend_pickles():
     x = inputs()
     with torch.no_grad():
         assert torch.equal(model(**x).last_hidden_state, again(**x).last_hidden_state)
+
+
+# ---------------------------------------------------------------------- measured inside these models
+@pytest.mark.parametrize("mode", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize("family", ["modernbert", "mistral"])
+def test_a_measurement_inside_the_model(tmp_path, family, mode):
+    """model=modernbert / mistral: the engine's pipeline on the model with the
+    implementation in every layer, verified against Hugging Face's sdpa in float64;
+    the baseline row is the model with Hugging Face's own attention."""
+    from attnbench.config import BenchConfig
+    from attnbench.sweep import measure
+
+    shape = dict(heads=4, head_dim=16, window=16) if family == "modernbert" else dict(
+        heads=4, kv_heads=2, head_dim=16, window=15, causal=True)  # fmt: skip
+    base = dict(model=family, model_layers=3, seq_len=64, device="cpu", mode=mode, results_dir=str(tmp_path),
+                study="m", time_budget_s=0.05, min_reps=1, max_reps=2, isolate=False,
+                grad_check_seq_len=48)  # fmt: skip
+    label = {"modernbert": "modernbert-base-shaped, 3 layers", "mistral": "mistral-7b-shaped, 3 layers"}[family]
+    hf.CALLS.clear()
+    row = measure(BenchConfig(impl="chunked", **base, **shape))
+    assert row["status"] == "ok", row["reason"]
+    assert row["model"] == label and row["verified"] == "model (n=48)" and row["time_ms_median"] > 0
+    assert sum(hf.CALLS.values()) >= 3  # the implementation ran in the model's layers
+    baseline = measure(BenchConfig(impl="sdpa", **base, **shape))  # Hugging Face's own attention
+    assert baseline["status"] == "ok" and baseline["model"] == label, baseline["reason"]
+
+
+def test_a_model_refuses_a_window_it_does_not_have():
+    from attnbench.config import BenchConfig
+
+    with pytest.raises(ValueError, match="model='mistral': its sliding layers have a causal window"):
+        BenchConfig(model="mistral", model_layers=2, window=16).validate()
+    with pytest.raises(ValueError, match="model='modernbert'.*symmetric window"):
+        BenchConfig(model="modernbert", model_layers=2, window=(8, 2)).validate()
+    with pytest.raises(ValueError, match="model='gpt2': unknown; choose one of: longformer, modernbert, mistral"):
+        BenchConfig(model="gpt2").validate()
