@@ -1,7 +1,8 @@
 """The fused Triton implementation beyond the shared correctness cases: the custom op
 eager and under torch.compile, last_config, the kernel loader, the
-interpreter's small blocks, and the compiled (CUDA) path without a GPU: every kernel
-is compiled for sm90, and the CUDA launch code is run against recording stand-ins.
+interpreter's small blocks (with and without a key mask), and the compiled (CUDA) path
+without a GPU: every kernel is compiled for sm90, with and without a key mask, and the
+CUDA launch code is run against recording stand-ins.
 
 On the CPU the kernels run in Triton's interpreter, so sizes stay small."""
 
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, assert_grads_ok, assert_output_ok, rand_dout, rand_qkv
+from conftest import DEVICE, assert_grads_ok, assert_output_ok, rand_dout, rand_key_mask, rand_qkv
 from fresh_python import run_fresh
 
 import attnbench
 from attnbench import Pattern
+from attnbench.reference import with_key_mask
 
 triton = pytest.importorskip("triton")
 import attnbench.impls.triton_fused as tf  # noqa: E402
@@ -62,9 +64,12 @@ def test_custom_op_torch_compile_and_last_config():
     assert tf.last_config()["backward"]["kv"]["BLOCK_N"] >= 16
 
 
-def test_custom_op_opcheck():
-    q, k, v = rand_qkv(1, 2, 20, 16, torch.float32, requires_grad=True)
+@pytest.mark.parametrize("key_mask", [False, True], ids=["all-keys", "key-mask"])
+def test_custom_op_opcheck(key_mask):
+    q, k, v = rand_qkv(2, 2, 20, 16, torch.float32, requires_grad=True)
     args = (q, k[:, :1], v[:, :1], 2, 1, [1, 2], False, [0], 0.25)  # one key/value head, window (2, 1)
+    if key_mask:
+        args += (rand_key_mask(2, 20, seed=5),)
     torch.library.opcheck(torch.ops.attnbench.triton_longformer_fwd.default, args, test_utils=("test_schema",
                           "test_autograd_registration", "test_faketensor"))  # fmt: skip
 
@@ -93,6 +98,61 @@ def test_interpreter_small_blocks(monkeypatch, dtype):
     assert_output_ok(attnbench.attention(q, k, v, p, impl="triton"), q, k, v, p, "blocks of 16")
     triton = lambda *x: attnbench.attention(*x, p, impl="triton")  # noqa: E731
     assert_grads_ok(triton, q, k, v, p, "blocks of 16", dout=rand_dout(q, seed=4))
+
+
+def _key_mask_case(causal: bool) -> tuple[Pattern, torch.Tensor]:
+    """2 query heads at dilations (1, 2) on one key/value head (read at two dilations:
+    two dK/dV launches that add up), n = 64, global tokens (0, 30, 63), and a key mask
+    of 3 samples: global token 30 and a few keys masked; then left padding over global
+    token 0 and holes; then, causal, no key at all, else every global token masked, a
+    hole wider than any window and right padding."""
+    n = 64
+    glob = (0, 30, 63)
+    if causal:
+        p = Pattern(7, (1, 2), True, glob)  # rows 0..6 of sample 1: only masked keys before them
+    else:
+        p = Pattern((5, 3), (1, 2), False, glob)
+    km = torch.ones(3, n, dtype=torch.bool)
+    km[0, [30, 40, 41, 42, 43]] = False
+    km[1] = rand_key_mask(3, n, seed=7)[2].cpu()  # left padding (0..5) and holes (6 among them)
+    if causal:
+        km[2] = False
+    else:
+        km[2, list(glob)] = False
+        km[2, 20:48] = False  # 28 tokens: rows 31..41 see no key at either dilation
+        km[2, 56:] = False
+    return p, km.to(DEVICE)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "lr5-3"])
+def test_interpreter_key_mask_small_blocks(monkeypatch, causal):
+    """A key mask in blocks of 16 (:func:`_key_mask_case`): outputs and gradients
+    against the reference, and exactly 0 where the reference is (rows left without
+    keys, their dq; masked keys' dk, dv), through the dK/dV kernels' read-add-write
+    paths (global keys, several dilation groups per key/value head) and their skipped
+    blocks (no key present)."""
+    monkeypatch.setattr(tf.kernels(True), "INTERPRETER_BLOCK", 16)
+    p, km = _key_mask_case(causal)
+    (B, n), H = km.shape, 2
+    q, k, v = rand_qkv(B, H, n, 16, torch.float32, seed=11, kv_heads=1)
+    empty = ~with_key_mask(p.mask(n, heads=H).to(km.device), km).any(-1)  # (B, H, n) rows without keys
+    assert empty.any() and empty[:, :, list(p.global_tokens)].any() == causal  # the case has what it says
+    what = f"key mask {p.describe()}"
+    out = attnbench.attention(q, k, v, p, impl="triton", key_mask=km)
+    assert_output_ok(out, q, k, v, p, what, key_mask=km)
+    assert not out[empty].any(), f"{what}: rows without keys are not 0"
+
+    grads = {}
+
+    def triton(q, k, v):
+        for name, t in zip("qkv", (q, k, v)):
+            t.register_hook(lambda g, name=name: grads.__setitem__(name, g))
+        return attnbench.attention(q, k, v, p, impl="triton", key_mask=km)
+
+    assert_grads_ok(triton, q, k, v, p, what, dout=rand_dout(q, seed=12), key_mask=km)
+    assert not grads["q"][empty].any(), f"{what}: dq of rows without keys is not 0"
+    for name in "kv":
+        assert not grads[name].transpose(1, 2)[~km].any(), f"{what}: d{name} of masked keys is not 0"
 
 
 @pytest.mark.parametrize("window, dilation", [((50, 0), 1), ((24, 24), 1), ((5, 60), 2), ((0, 0), 1), ((70, 0), 3)])
@@ -172,8 +232,9 @@ class _Recorder:
         return launch
 
 
+@pytest.mark.parametrize("key_mask", [False, True], ids=["all-keys", "key-mask"])
 @pytest.mark.parametrize("n", [300, 5000])  # fixed configs; autotuned kernels (n >= AUTOTUNE_MIN_SEQ)
-def test_cuda_launch_code_binds(monkeypatch, n):
+def test_cuda_launch_code_binds(monkeypatch, n, key_mask):
     kern = tf.kernels(False)
     recorders = {}
     for name in dir(kern):
@@ -187,8 +248,9 @@ def test_cuda_launch_code_binds(monkeypatch, n):
     B, H, KVH, D = 2, 4, 2, 40
     q = torch.zeros(B, H, n, D, dtype=torch.bfloat16)
     k, v = (torch.zeros(B, KVH, n, D, dtype=torch.bfloat16) for _ in range(2))
-    out, lse = kern.forward(q, k, v, (1, 1, 2, 3), 16, 0, True, (0, 7, n - 1), 0.1)
-    dq, dk, dv = kern.backward(out, q, k, v, out, lse, (1, 1, 2, 3), 16, 0, True, (0, 7, n - 1), 0.1)
+    km = torch.rand(B, n, generator=torch.Generator().manual_seed(0)) > 0.2 if key_mask else None
+    out, lse = kern.forward(q, k, v, (1, 1, 2, 3), 16, 0, True, (0, 7, n - 1), 0.1, km)
+    dq, dk, dv = kern.backward(out, q, k, v, out, lse, (1, 1, 2, 3), 16, 0, True, (0, 7, n - 1), 0.1, km)
     assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
     launches = [x for r in recorders.values() for x in r.launches]
     names = {x[0] for x in launches}
@@ -197,6 +259,10 @@ def test_cuda_launch_code_binds(monkeypatch, n):
         "_bwd_q_window_kernel", "_bwd_kv_global_keys_kernel", "_bwd_q_global_rows_kernel",
     }  # fmt: skip
     for name, grid, args in launches:
+        if name != "_bwd_delta_kernel":  # the key mask's own bytes as int8 flags, or None
+            flags = args["KEY_OK"]
+            assert flags is None if km is None else flags.dtype == torch.int8 and torch.equal(flags.bool(), km)
+            assert km is None or flags.data_ptr() == km.data_ptr(), f"{name}: the key mask was copied"
         if name in ("_fwd_window_kernel", "_bwd_q_window_kernel", "_bwd_kv_window_kernel"):
             d, own = args["d"], args["BLOCK_N" if name == "_bwd_kv_window_kernel" else "BLOCK_M"]
             n_cls = -(-n // d)  # longest residue class
@@ -221,11 +287,11 @@ _WINDOW_KERNELS = {"fwd": "_fwd_window_kernel", "kv": "_bwd_kv_window_kernel", "
 
 
 def _compile_sm90(name: str, dtype: str, head_dim: int, bm: int = 64, bn: int = 32, warps: int = 4, stages: int = 2,
-                  bg: int = 16):  # fmt: skip
+                  bg: int = 16, key_mask: bool = False):  # fmt: skip
     """One kernel through Triton's whole CUDA pipeline for sm90, no GPU needed
     (tf.compile_ahead: pointers marked aligned as the launcher marks them)."""
     try:
-        return tf.compile_ahead(name, dtype, head_dim, bm, bn, warps, stages, arch=90, block_g=bg)
+        return tf.compile_ahead(name, dtype, head_dim, bm, bn, warps, stages, arch=90, block_g=bg, key_mask=key_mask)
     except ImportError as e:  # pragma: no cover
         pytest.skip(f"no CUDA backend in this triton: {e}")
     except OSError as e:  # pragma: no cover - the toolchain, not the kernels
@@ -234,17 +300,26 @@ def _compile_sm90(name: str, dtype: str, head_dim: int, bm: int = 64, bn: int = 
 
 def test_kernels_compile_for_sm90():
     """Every kernel compiles (catches what the interpreter lets through: typing,
-    constexpr use), and the window kernels move their q, k, v tiles in 16-byte copies
-    (a 2-byte load per element would cost several times the memory traffic and would
-    show in no CPU test). head_dim 40 is padded to 64, so the masks along it count."""
+    constexpr use), without a key mask and, all but delta's, with one; and the window
+    kernels move their q, k, v tiles in 16-byte copies (a 2-byte load per element would
+    cost several times the memory traffic and would show in no CPU test). head_dim 40
+    is padded to 64, so the masks along it count. A key mask's flags are one more
+    pointer parameter; without one, KEY_OK is a constexpr None and no parameter."""
+    kern = tf.kernels(False)
     for name in _ALL_KERNELS:
-        compiled = _compile_sm90(name, "bf16", 40)
-        assert compiled.asm.get("cubin"), name
-        if name in _WINDOW_KERNELS.values():
+        pointers = []
+        for key_mask in (False, True) if "KEY_OK" in getattr(kern, name).arg_names else (False,):
+            what = f"{name}{' with a key mask' if key_mask else ''}"
+            compiled = _compile_sm90(name, "bf16", 40, key_mask=key_mask)
+            assert compiled.asm.get("cubin"), what
             ptx = compiled.asm["ptx"]
-            narrow = re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b|cp\.async\.\w+\.shared\.global[^;]*, 0x2,", ptx)
-            assert not narrow, f"{name}: 2-byte global loads in the bf16 kernel: {narrow[:3]}"
-            assert re.search(r"cp\.async\.cg\.shared\.global[^;]*, 0x10,", ptx), f"{name}: no 16-byte tile copies"
+            pointers.append(len(re.findall(r"\.param \.u64 \.ptr", ptx)))
+            if name in _WINDOW_KERNELS.values():
+                narrow = re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b|cp\.async\.\w+\.shared\.global[^;]*, 0x2,", ptx)
+                assert not narrow, f"{what}: 2-byte global loads in the bf16 kernel: {narrow[:3]}"
+                assert re.search(r"cp\.async\.cg\.shared\.global[^;]*, 0x10,", ptx), f"{what}: no 16-byte tile copies"
+        assert len(pointers) == (1 if name == "_bwd_delta_kernel" else 2), name
+        assert pointers[1:] in ([], [pointers[0] + 1]), f"{name}: pointer parameters without, with a mask: {pointers}"
 
 
 @pytest.mark.parametrize("head_dim", [16, 64, 256])
