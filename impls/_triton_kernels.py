@@ -744,6 +744,25 @@ def _prune(configs: list, named_args: dict, *, kind: str, **kwargs) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
 
 
+class _KeepSums:
+    """The dK/dV tuner's hooks. With ``accumulate`` the kernel adds to DK, DV, and the
+    autotuner runs every config many times on them before the launch that counts: each
+    benchmarked run gets them back as they were (Triton's ``restore_value``, but only
+    when accumulating, so that storing launches copy nothing)."""
+
+    def __init__(self):
+        self.saved: dict = {}
+
+    def pre(self, kwargs: dict, reset_only: bool = False) -> None:
+        if not reset_only and kwargs["accumulate"]:
+            self.saved = {a: kwargs[a].clone() for a in ("DK", "DV")}
+
+    def post(self, kwargs: dict, exception=None) -> None:
+        for a, t in self.saved.items():
+            kwargs[a].copy_(t)
+        self.saved = {}
+
+
 def _tuner(kernel, rows: list[tuple[int, int, int, int]], kind: str):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": b}, num_warps=w, num_stages=s) for m, b, w, s in rows]
     # keyed on head_dim (BLOCK_D), window (lo, hi), dilation (d) and the size bucket
@@ -751,7 +770,11 @@ def _tuner(kernel, rows: list[tuple[int, int, int, int]], kind: str):
     # the dtypes. None of these is specialised, so a new key retunes without recompiling.
     prune = functools.partial(_prune, kind=kind)
     key = ["BLOCK_D", "lo", "hi", "d", "n_tune"]
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+    hooks = {}
+    if kind == "kv":
+        keep = _KeepSums()
+        hooks = {"pre_hook": keep.pre, "post_hook": keep.post}
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, **hooks)(kernel)
 
 
 if INTERPRETED:

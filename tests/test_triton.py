@@ -281,6 +281,43 @@ def test_cuda_launch_code_binds(monkeypatch, n, key_mask):
         assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"]) == (64, 32, 3)
 
 
+@pytest.mark.parametrize("accumulate", [1, 0])
+def test_autotuning_leaves_accumulated_gradients_alone(monkeypatch, accumulate):
+    """The dK/dV kernel adds to DK, DV when a key/value head's query heads span several
+    dilation groups; the autotuner runs every config many times on those buffers before
+    the launch that counts. Its real tuner, with the kernel replaced by one that adds 1
+    and a benchmark that calls it 3 times per config: only the counted launch stays."""
+    kern = tf.kernels(False)
+    tuner = kern._bwd_kv_window_tuned
+    names = tuner.fn.arg_names
+    calls = []
+
+    class AddOne:  # stands in for the compiled kernel: what accumulate does to DK, DV
+        arg_names = names
+
+        def run(self, *args, **kwargs):
+            a = dict(zip(names, args))
+            calls.append(kwargs["BLOCK_M"])
+            for t in (a["DK"], a["DV"]):
+                t.copy_(t + 1 if a["accumulate"] else torch.ones_like(t))
+
+    def bench(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(tuner, "fn", AddOne())
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setitem(tuner.__dict__, "do_bench", bench)
+    dk, dv = torch.full((4,), 5.0), torch.full((4,), 5.0)
+    args = {a: 0 for a in names if a not in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "BLOCK_G", "DOT_PREC")}
+    args.update(Q=torch.empty(0, dtype=torch.bfloat16), DK=dk, DV=dv, accumulate=accumulate, d=1, n_tune=8192)
+    tuner.run(*args.values(), grid=(1,), HEAD_DIM=64, BLOCK_D=64, BLOCK_G=16, DOT_PREC="tf32")
+    assert len(calls) > 3 * 2, "the tuner did not benchmark several configs"
+    want = 6.0 if accumulate else 1.0
+    assert dk.tolist() == dv.tolist() == [want] * 4, f"after tuning: dk {dk.tolist()}, dv {dv.tolist()}"
+
+
 _ALL_KERNELS = ("_fwd_window_kernel", "_fwd_global_rows_kernel", "_bwd_delta_kernel", "_bwd_kv_window_kernel",
                 "_bwd_kv_global_keys_kernel", "_bwd_q_window_kernel", "_bwd_q_global_rows_kernel")  # fmt: skip
 _WINDOW_KERNELS = {"fwd": "_fwd_window_kernel", "kv": "_bwd_kv_window_kernel", "q": "_bwd_q_window_kernel"}
@@ -416,17 +453,22 @@ def test_no_interpret_leak():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_autotuned_kernels_match_reference(dtype):
     """n >= AUTOTUNE_MIN_SEQ takes the autotuned kernels, which the correctness cases
-    (n <= 1000) never reach: one such case forward and backward, with dilation 2 and
-    global tokens (every kernel launches), head_dim 128 in bf16 (64 in fp32)."""
+    (n <= 1000) never reach: one such case forward and backward, with global tokens
+    (every kernel launches), head_dim 128 in bf16 (64 in fp32), two query heads at
+    dilations 2 and 1 on one key/value head (the dK/dV kernel's tuned launches add up),
+    and in bf16 a key mask (left padding and holes)."""
     if DEVICE != "cuda":
         pytest.skip("the autotuned kernels run only on CUDA; in the interpreter n = 4096 would take minutes")
     n, D = tf.AUTOTUNE_MIN_SEQ, 128 if dtype == torch.bfloat16 else 64
-    p = Pattern(512, 2, False, (0, n // 2 - 1, n - 1))
-    q, k, v = rand_qkv(1, 2, n, D, dtype)
-    out = attnbench.attention(q, k, v, p, impl="triton")
+    p = Pattern(512, (2, 1), False, (0, n // 2 - 1, n - 1))
+    q, k, v = rand_qkv(1, 2, n, D, dtype, kv_heads=1)
+    km = rand_key_mask(3, n)[2:] if dtype == torch.bfloat16 else None  # the kind with every gap
+    what = f"triton autotuned n={n}{' key mask' if km is not None else ''}"
+    out = attnbench.attention(q, k, v, p, impl="triton", key_mask=km)
     assert tf.last_config()["autotuned"]
-    assert_output_ok(out, q, k, v, p, f"triton autotuned n={n}")
-    assert_grads_ok(lambda *x: attnbench.attention(*x, p, impl="triton"), q, k, v, p, f"triton autotuned n={n}")
+    assert_output_ok(out, q, k, v, p, what, key_mask=km)
+    assert_grads_ok(lambda *x: attnbench.attention(*x, p, impl="triton", key_mask=km), q, k, v, p, what,
+                    key_mask=km)  # fmt: skip
 
 
 def test_resources_script_reports_each_config():
