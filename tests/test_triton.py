@@ -41,26 +41,30 @@ def test_kernel_copies_coexist():
     assert interp is not compiled and tf.kernels(True) is interp
 
 
-def test_custom_op_torch_compile_and_last_config():
-    q, k, v = rand_qkv(1, 2, 40, 16, torch.float32, requires_grad=True)
+@pytest.mark.parametrize("key_mask", [False, True], ids=["all-keys", "key-mask"])
+def test_custom_op_torch_compile_and_last_config(key_mask):
+    B = 3 if key_mask else 1  # rand_key_mask: a sample of each kind
+    q, k, v = rand_qkv(B, 2, 40, 16, torch.float32, requires_grad=True)
     p = Pattern(6, 2, True, (3,))
+    km = rand_key_mask(B, 40) if key_mask else None
 
     fn = attnbench.get_impl("triton").fn  # the registry's own checks stay outside the graph
 
-    def f(q, k, v):
-        return fn(q, k, v, p, 0.25) * 2
+    def f(q, k, v, km):
+        kw = {} if km is None else {"key_mask": km}  # as the registry calls it
+        return fn(q, k, v, p, 0.25, **kw) * 2
 
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    out = compiled(q, k, v)
+    out = compiled(q, k, v, km)
     cfg = tf.last_config()
     assert cfg["BLOCK_D"] == 16 and "backward" not in cfg and cfg["interpreted"] == (DEVICE == "cpu")
     if DEVICE == "cpu":
         assert cfg["BLOCK_M"] == cfg["BLOCK_N"] == tf.INTERPRETER_BLOCK
     else:  # n = 40: the fixed config, not the autotuner
         assert not cfg["autotuned"] and cfg["num_warps"] and cfg["BLOCK_M"] >= 16
-    assert_output_ok(out / 2, q, k, v, p, "compiled op", scale=0.25)
-    assert_grads_ok(lambda *x: compiled(*x) / 2, q, k, v, p, "compiled op", scale=0.25)
+    assert_output_ok(out / 2, q, k, v, p, "compiled op", scale=0.25, key_mask=km)
+    assert_grads_ok(lambda *x: compiled(*x, km) / 2, q, k, v, p, "compiled op", scale=0.25, key_mask=km)
     assert tf.last_config()["backward"]["kv"]["BLOCK_N"] >= 16
 
 
