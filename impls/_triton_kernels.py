@@ -43,6 +43,15 @@ Global tokens, without making the kernel dense:
   adds, to each global key, the contribution of the non-global rows that reach it
   outside their window.
 
+Key masks (per sample, holes anywhere): KEY_OK, ``(B, n)`` int8 flags, 1 where key j
+of batch b is present, or None without a mask (a None argument is a constexpr: the
+code without a mask is what it was). Kernels that own queries (forward, dQ) read the
+flags of each partner key block and count only present keys, in the window and among
+the global keys alike; a row left without any key stores O = 0 and LSE2 = +inf, so
+that the backward's P = 2^(s - LSE2) is 0 for it whatever the mask. Kernels that own
+keys (dK/dV) walk as without a mask and store 0 for their masked keys: P is 0 for
+them in every row (a block of masked keys only walks nothing).
+
 What the interpreter needs differently (loop bounds, reductions) is confined to the
 "interpreter shim" section below.
 """
@@ -228,6 +237,15 @@ def _global_block(GLOB, G, heads, BLOCK_G: tl.constexpr):
     return tl.load(GLOB + gi, mask=g_ok, other=0), g_ok, pid_bh // heads, pid_bh % heads
 
 
+@triton.jit
+def _key_flags(KEY_OK, pos, ok):
+    # (R,) which keys pos (R,) are present (KEY_OK: the flags of one batch; None: all);
+    # False where not ok
+    if KEY_OK is not None:
+        ok = ok & (tl.load(KEY_OK + pos, mask=ok, other=0) != 0)
+    return ok
+
+
 # ---------------------------------------------------------------------------- block bodies
 # One step of an inner loop: the program's resident tiles `res` (of the rows it owns)
 # meet one block of partners (keys for the forward and dQ, queries for dK/dV) read
@@ -299,7 +317,7 @@ def _dkdv_body(accs, res, ptrs, spos, s_ok, ok, scale_log2,
 # handing each block to BODY; _walk_pattern strings them together for the window
 # kernels. The owned rows are queries, or keys when OWN_KEYS (dK/dV).
 @triton.jit
-def _walk_pattern(accs, res, ptrs, r, d, o0, m_r, lo, hi, GLOB, ROW_GLOBAL, G, causal, scale_log2,
+def _walk_pattern(accs, res, ptrs, r, d, o0, m_r, lo, hi, GLOB, ROW_GLOBAL, KEY_OK, G, causal, scale_log2,
                   BODY: tl.constexpr, OWN_KEYS: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_S: tl.constexpr,
                   BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   DOT_PREC: tl.constexpr):  # fmt: skip
@@ -308,6 +326,7 @@ def _walk_pattern(accs, res, ptrs, r, d, o0, m_r, lo, hi, GLOB, ROW_GLOBAL, G, c
     # partner is counted once: owned queries skip, among the global keys, those in their
     # window; owned keys skip global queries in the band (ROW_GLOBAL flags) and take
     # every global query from the list, which costs fewer registers than the window test.
+    # KEY_OK (owned queries only): the batch's key flags, absent keys are left out.
     # The band: query t meets key u iff lo <= u - t <= hi. Partner block j holds class
     # indices p0 + j*BLOCK_S + b, p0 = o0 + lo for owned queries, o0 - hi for owned keys;
     # either way owned row a meets partner b iff 0 <= j*BLOCK_S + b - a <= w_span = hi - lo,
@@ -326,29 +345,31 @@ def _walk_pattern(accs, res, ptrs, r, d, o0, m_r, lo, hi, GLOB, ROW_GLOBAL, G, c
     starts = (j_lo, tl.maximum(j_lo, j1), tl.maximum(j_lo, j2))
     ends = (tl.minimum(j_hi, j1), tl.minimum(j_hi, j2), j_hi)
     for stage in tl.static_range(3):  # leading edge, inside, trailing edge
-        accs = _walk_band(accs, res, ptrs, ROW_GLOBAL, r, d, p0, m_r, w_span, scale_log2, starts[stage], ends[stage],
-                          BODY, stage != 1, OWN_KEYS, BLOCK_O, BLOCK_S, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
+        accs = _walk_band(accs, res, ptrs, ROW_GLOBAL, KEY_OK, r, d, p0, m_r, w_span, scale_log2, starts[stage],
+                          ends[stage], BODY, stage != 1, OWN_KEYS, BLOCK_O, BLOCK_S, HEAD_DIM, BLOCK_D,
+                          DOT_PREC)  # fmt: skip
     opos, _ = _class_rows(r, d, o0, m_r, BLOCK_O)
-    return _walk_list(accs, res, ptrs, opos, GLOB, None, G, 0, _cdiv_k(G, BLOCK_G), d, lo, hi, causal,
+    return _walk_list(accs, res, ptrs, opos, GLOB, None, KEY_OK, G, 0, _cdiv_k(G, BLOCK_G), d, lo, hi, causal,
                       scale_log2, BODY, OWN_KEYS, LISTED=True, OUTSIDE_WINDOW=not OWN_KEYS, SKIP_GLOBAL=False,
                       BLOCK_S=BLOCK_G, HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
 
 
 @triton.jit
-def _walk_band(accs, res, ptrs, ROW_GLOBAL, r, d, p0, m_r, w_span, scale_log2, j_start, j_end,
+def _walk_band(accs, res, ptrs, ROW_GLOBAL, KEY_OK, r, d, p0, m_r, w_span, scale_log2, j_start, j_end,
                BODY: tl.constexpr, BAND: tl.constexpr, SKIP_GLOBAL: tl.constexpr, BLOCK_O: tl.constexpr,
                BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                DOT_PREC: tl.constexpr):  # fmt: skip
     # Partner blocks j_start .. j_end - 1 of the band (see _walk_pattern); BAND: mask its
-    # edges; SKIP_GLOBAL: leave out global partners (ROW_GLOBAL flags)
+    # edges; SKIP_GLOBAL: leave out global partners (ROW_GLOBAL flags); KEY_OK: leave out
+    # absent keys (partners are keys; None: no key mask)
     offs_o = tl.arange(0, BLOCK_O)
     offs_s = tl.arange(0, BLOCK_S)
     for j in range(_trip(j_start), _trip(j_end)):
         idx = p0 + j * BLOCK_S + offs_s  # (S,) partner class indices
         s_ok = (idx >= 0) & (idx < m_r)  # (S,): windows are truncated at the sequence ends
-        p_ok = s_ok  # (S,) which partners count
+        p_ok = _key_flags(KEY_OK, r + d * idx, s_ok)  # (S,) which partners count
         if SKIP_GLOBAL:
-            p_ok = s_ok & (tl.load(ROW_GLOBAL + r + d * idx, mask=s_ok, other=1) == 0)
+            p_ok = p_ok & (tl.load(ROW_GLOBAL + r + d * idx, mask=s_ok, other=1) == 0)
         if BAND:
             rel = j * BLOCK_S + offs_s[None, :] - offs_o[:, None]  # (OWN, S): partner - owned - (p0 - o0)
             ok = p_ok[None, :] & (rel >= 0) & (rel <= w_span)  # (OWN, S)
@@ -359,14 +380,15 @@ def _walk_band(accs, res, ptrs, ROW_GLOBAL, r, d, p0, m_r, w_span, scale_log2, j
 
 
 @triton.jit
-def _walk_list(accs, res, ptrs, opos, GLOB, ROW_GLOBAL, count, j_start, j_end, d, lo, hi, causal, scale_log2,
-               BODY: tl.constexpr, OWN_KEYS: tl.constexpr, LISTED: tl.constexpr, OUTSIDE_WINDOW: tl.constexpr,
-               SKIP_GLOBAL: tl.constexpr, BLOCK_S: tl.constexpr,
+def _walk_list(accs, res, ptrs, opos, GLOB, ROW_GLOBAL, KEY_OK, count, j_start, j_end, d, lo, hi, causal,
+               scale_log2, BODY: tl.constexpr, OWN_KEYS: tl.constexpr, LISTED: tl.constexpr,
+               OUTSIDE_WINDOW: tl.constexpr, SKIP_GLOBAL: tl.constexpr, BLOCK_S: tl.constexpr,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
     # Partner blocks j_start .. j_end - 1 of a list: the global tokens GLOB[0 .. count)
     # when LISTED, else every position 0 .. count - 1. The owned rows are at opos (OWN,);
     # padding rows among them are computed and never stored. A pair counts when the
-    # partner exists, key <= query if causal, and
+    # partner exists, key <= query if causal, the key is present (KEY_OK flags of partner
+    # keys; None: no key mask), and
     #   OUTSIDE_WINDOW: the key is not in the query's window, i.e. not key - query = c*d
     #     with lo <= c <= hi (the window walk counted those);
     #   SKIP_GLOBAL: the partner is not a global row (ROW_GLOBAL flags; their pairs are
@@ -379,9 +401,9 @@ def _walk_list(accs, res, ptrs, opos, GLOB, ROW_GLOBAL, count, j_start, j_end, d
             spos = tl.load(GLOB + idx, mask=s_ok, other=0)  # (S,) partner positions
         else:
             spos = idx
-        p_ok = s_ok  # (S,) which partners count
+        p_ok = _key_flags(KEY_OK, spos, s_ok)  # (S,) which partners count
         if SKIP_GLOBAL:
-            p_ok = s_ok & (tl.load(ROW_GLOBAL + spos, mask=s_ok, other=1) == 0)
+            p_ok = p_ok & (tl.load(ROW_GLOBAL + spos, mask=s_ok, other=1) == 0)
         if OWN_KEYS:
             diff = opos[:, None] - spos[None, :]  # (OWN, S): key - query
         else:
@@ -401,13 +423,19 @@ def _key_blocks(gpos, g_ok, n, causal, BLOCK_N: tl.constexpr):
 
 # ---------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_store(accs, Ob, LSEb, pos, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    # O = acc / l, LSE2 = m + log2(l) of rows pos (R,); every real row has its own key,
-    # so l >= 1 there
+def _fwd_store(accs, Ob, LSEb, pos, ok, KEY_OK, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # O = acc / l, LSE2 = m + log2(l) of rows pos (R,). A row with a key has l >= 1 (its
+    # largest term is 2^0); l = 0 only in padding rows and, with a key mask (KEY_OK not
+    # None), in rows it left without keys: there acc = 0, so O = 0, and LSE2 = +inf, so
+    # that the backward's P = 2^(s - LSE2) is 0 for every key of the row
     acc, l_i, m_i = accs  # (R, BLOCK_D), (R,), (R,)
-    l_safe = tl.where(l_i > 0, l_i, 1.0)  # (R,): padding rows only
+    l_safe = tl.where(l_i > 0, l_i, 1.0)  # (R,)
     _store_rows(Ob, pos, ok, acc / l_safe[:, None], HEAD_DIM, BLOCK_D)
-    tl.store(LSEb + pos, m_i + tl.math.log2(l_safe), mask=ok)
+    lse_ptrs = LSEb + pos  # (R,)
+    lse = m_i + tl.math.log2(l_safe)  # (R,)
+    if KEY_OK is not None:
+        lse = tl.where(l_i > 0, lse, float("inf"))
+    tl.store(lse_ptrs, lse, mask=ok)
 
 
 @triton.jit
@@ -423,12 +451,13 @@ def _fwd_init(R: tl.constexpr, BLOCK_D: tl.constexpr):
 # Non-global rows of one dilation group. For query p = r + d*t:
 #   O_p = sum_j softmax_j(s_pj) v_j over j in {r + d*u : lo <= u - t <= hi, 0 <= u < m_r}
 #         and over the global keys outside that set (g <= p when causal),
-#   LSE2_p = log2 sum_j 2^(s_pj),  s_pj = scale * log2(e) * q_p . k_j.
+#         j present in batch b (KEY_OK, B x n flags; None: every key);  O_p = 0 if no j,
+#   LSE2_p = log2 sum_j 2^(s_pj) (+inf if no j),  s_pj = scale * log2(e) * q_p . k_j.
 # k_j, v_j those of query head h's key/value head, h // (H / KVH).
 # grid: (d * ceil(ceil(n/d) / BLOCK_M), B * HG); program (class r, row block, batch, head).
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_window_kernel(
-    Q, K, V, O, LSE, HEADS, GLOB,
+    Q, K, V, O, LSE, HEADS, GLOB, KEY_OK,
     scale_log2, n, H, KVH, HG, d, lo, hi, G, causal, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -438,24 +467,27 @@ def _fwd_window_kernel(
     pos, row_ok = _class_rows(r, d, t0, m_r, BLOCK_M)  # (BLOCK_M,)
     q = _load_rows(Q + row0 * HEAD_DIM, pos, row_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_M, BLOCK_D)
     kv = (K + kv0 * HEAD_DIM, V + kv0 * HEAD_DIM)
+    if KEY_OK is not None:  # the (n,) flags of batch b
+        KEY_OK += b.to(tl.int64) * n
 
     accs = _fwd_init(BLOCK_M, BLOCK_D)
-    accs = _walk_pattern(accs, (q,), kv, r, d, t0, m_r, lo, hi, GLOB, None, G, causal, scale_log2,
+    accs = _walk_pattern(accs, (q,), kv, r, d, t0, m_r, lo, hi, GLOB, None, KEY_OK, G, causal, scale_log2,
                          _fwd_body, False, BLOCK_M, BLOCK_N, BLOCK_G, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
 
     # Global rows are stored too (wrong: window only) and overwritten by
     # _fwd_global_rows_kernel, launched after this one on the same stream. Masking them
     # here would need their flags in the epilogue, which costs the loop registers.
     pos, row_ok = _class_rows(r, d, t0, m_r, BLOCK_M)
-    _fwd_store(accs, O + row0 * HEAD_DIM, LSE + row0, pos, row_ok, HEAD_DIM, BLOCK_D)
+    _fwd_store(accs, O + row0 * HEAD_DIM, LSE + row0, pos, row_ok, KEY_OK, HEAD_DIM, BLOCK_D)
 
 
-# Global rows: every key (j <= g when causal), dense over n for these G rows only.
-#   O_g = sum_j softmax_j(s_gj) v_j,  LSE2_g = log2 sum_j 2^(s_gj).
+# Global rows: every present key (j <= g when causal), dense over n for these G rows only.
+#   O_g = sum_j softmax_j(s_gj) v_j (0 if no j),  LSE2_g = log2 sum_j 2^(s_gj) (+inf if no j),
+#   j present in batch b (KEY_OK; None: every key).
 # grid: (ceil(G / BLOCK_G), B * H).
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_global_rows_kernel(
-    Q, K, V, O, LSE, GLOB, scale_log2, n, H, KVH, G, causal,
+    Q, K, V, O, LSE, GLOB, KEY_OK, scale_log2, n, H, KVH, G, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):  # fmt: skip
@@ -463,18 +495,22 @@ def _fwd_global_rows_kernel(
     row0, kv0 = _row0(b, h, H, n), _kv_row0(b, h, H, KVH, n)
     q = _load_rows(Q + row0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
     kv = (K + kv0 * HEAD_DIM, V + kv0 * HEAD_DIM)
-    accs = _walk_list(_fwd_init(BLOCK_G, BLOCK_D), (q,), kv, gpos, GLOB, None, n, 0,
+    if KEY_OK is not None:  # the (n,) flags of batch b
+        KEY_OK += b.to(tl.int64) * n
+    accs = _walk_list(_fwd_init(BLOCK_G, BLOCK_D), (q,), kv, gpos, GLOB, None, KEY_OK, n, 0,
                       _key_blocks(gpos, g_ok, n, causal, BLOCK_N), 1, 0, 0, causal, scale_log2, _fwd_body,
                       OWN_KEYS=False, LISTED=False, OUTSIDE_WINDOW=False, SKIP_GLOBAL=False, BLOCK_S=BLOCK_N,
                       HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
-    _fwd_store(accs, O + row0 * HEAD_DIM, LSE + row0, gpos, g_ok, HEAD_DIM, BLOCK_D)
+    _fwd_store(accs, O + row0 * HEAD_DIM, LSE + row0, gpos, g_ok, KEY_OK, HEAD_DIM, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------- backward
 # With P = softmax(S), dO given:  dV = P^T dO,  dP = dO V^T,
 #   dS = P * (dP - delta),  delta_i = sum_j P_ij dP_ij = rowsum(dO_i * O_i),
 #   dQ = scale * dS K,  dK = scale * dS^T Q.
-# P is recomputed from the saved LSE: P_ij = 2^(s_ij - LSE2_i).
+# P is recomputed from the saved LSE: P_ij = 2^(s_ij - LSE2_i). With a key mask, P_ij = 0
+# for absent keys j: dQ leaves them out as the forward does, dK/dV store 0 for them; a
+# row without keys has LSE2 = +inf, so its P is 0 for every key (and its O, delta are 0).
 
 
 # delta_i = rowsum(dO_i * O_i), fp32.  grid: (ceil(n / BLOCK_M), B * H).
@@ -493,14 +529,16 @@ def _bwd_delta_kernel(
 # read it (grouped-query attention: those of this dilation group among g's, QHEADS[slot,
 # :QCNT[slot]]), each (a) its non-global queries whose window holds the key and (b)
 # every global query (j <= g when causal):
-#   dV_j = sum_h sum_i P_hij dO_hi,  dK_j = scale * sum_h sum_i dS_hij q_hi.
+#   dV_j = sum_h sum_i P_hij dO_hi,  dK_j = scale * sum_h sum_i dS_hij q_hi;
+#   dV_j = dK_j = 0 for a key absent in batch b (KEY_OK; None: every key present).
 # The group's sum stays in registers: k, v are read once and never repeated per head.
 # accumulate != 0 (a key/value head whose query heads span several dilation groups, one
 # launch each): add to what DK, DV hold (zeroed by the host) instead of storing.
+# A block of absent keys only walks nothing.
 # grid: (d * ceil(ceil(n/d) / BLOCK_N), B * HG), HG key/value heads.
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_kv_window_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, QHEADS, QCNT, ROW_GLOBAL, GLOB,
+    Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, QHEADS, QCNT, ROW_GLOBAL, GLOB, KEY_OK,
     scale, scale_log2, n, H, KVH, HG, d, lo, hi, G, causal, GQ, accumulate, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -514,9 +552,14 @@ def _bwd_kv_window_kernel(
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
 
     slot = tl.program_id(1) % HG
-    for i in range(_trip(0), _trip(tl.load(QCNT + slot))):  # the query heads reading g here
+    n_heads = tl.load(QCNT + slot)  # the query heads reading g here
+    if KEY_OK is not None:  # the (n,) flags of batch b; no key present: no head to walk
+        KEY_OK += b.to(tl.int64) * n
+        n_heads = tl.where(_max(_key_flags(KEY_OK, kpos, col_ok).to(tl.int32), 0) > 0, n_heads, 0)
+    for i in range(_trip(0), _trip(n_heads)):
         rows = _query_ptrs(Q, DO, LSE, DELTA, _row0(b, tl.load(QHEADS + slot * GQ + i), H, n), HEAD_DIM)
-        dk, dv = _walk_pattern((dk, dv), (k, v), rows, r, d, u0, m_r, lo, hi, GLOB, ROW_GLOBAL, G, causal,
+        # partners are queries, never masked: absent owned keys are zeroed below
+        dk, dv = _walk_pattern((dk, dv), (k, v), rows, r, d, u0, m_r, lo, hi, GLOB, ROW_GLOBAL, None, G, causal,
                                scale_log2, _dkdv_body, True, BLOCK_N, BLOCK_M, BLOCK_G, HEAD_DIM, BLOCK_D,
                                DOT_PREC)  # fmt: skip
 
@@ -524,6 +567,9 @@ def _bwd_kv_window_kernel(
     add = tl.where(col_ok, accumulate, 0) != 0  # (BLOCK_N,) rows to read back first
     dk = dk * scale + _load_rows(DK + kv0 * HEAD_DIM, kpos, add, HEAD_DIM, BLOCK_D)  # (BLOCK_N, BLOCK_D)
     dv = dv + _load_rows(DV + kv0 * HEAD_DIM, kpos, add, HEAD_DIM, BLOCK_D)
+    if KEY_OK is not None:  # absent keys: 0, whatever the walk or an earlier launch left
+        present = _key_flags(KEY_OK, kpos, col_ok)[:, None]  # (BLOCK_N, 1)
+        dk, dv = tl.where(present, dk, 0.0), tl.where(present, dv, 0.0)
     _store_rows(DK + kv0 * HEAD_DIM, kpos, col_ok, dk, HEAD_DIM, BLOCK_D)
     _store_rows(DV + kv0 * HEAD_DIM, kpos, col_ok, dv, HEAD_DIM, BLOCK_D)
 
@@ -533,11 +579,12 @@ def _bwd_kv_window_kernel(
 # this key/value head (h = kv * GQ + j, each with its own dilation from DIL). Read-add-
 # write into dK, dV (fp32 buffers), one program per block of global keys of one
 # key/value head, so no two programs touch a row.
-#   dV_g += sum_h sum_i P_hig dO_hi,  dK_g += scale * sum_h sum_i dS_hig q_hi.
+#   dV_g += sum_h sum_i P_hig dO_hi,  dK_g += scale * sum_h sum_i dS_hig q_hi;
+#   dV_g = dK_g = 0 for a global key absent in batch b (KEY_OK; None: every key present).
 # grid: (ceil(G / BLOCK_G), B * KVH).
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_kv_global_keys_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, ROW_GLOBAL, GLOB, DIL,
+    Q, K, V, DO, LSE, DELTA, DK, DV, ROW_GLOBAL, GLOB, DIL, KEY_OK,
     scale, scale_log2, n, H, KVH, lo, hi, G, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -557,23 +604,27 @@ def _bwd_kv_global_keys_kernel(
         # this head's offsets, clipped to its longest class (as the host does per group)
         reach = _cdiv_k(n, d) - 1
         rows = _query_ptrs(Q, DO, LSE, DELTA, _row0(b, h, H, n), HEAD_DIM)
-        dk, dv = _walk_list((dk, dv), (k, v), rows, gpos, GLOB, ROW_GLOBAL, n, first, _cdiv_k(n, BLOCK_M), d,
+        dk, dv = _walk_list((dk, dv), (k, v), rows, gpos, GLOB, ROW_GLOBAL, None, n, first, _cdiv_k(n, BLOCK_M), d,
                             tl.maximum(lo, -reach), tl.minimum(hi, reach), causal, scale_log2, _dkdv_body,
                             OWN_KEYS=True, LISTED=False, OUTSIDE_WINDOW=True, SKIP_GLOBAL=True, BLOCK_S=BLOCK_M,
                             HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
     dk = dk * scale + _load_rows(DK + kv0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
     dv = dv + _load_rows(DV + kv0 * HEAD_DIM, gpos, g_ok, HEAD_DIM, BLOCK_D)  # (BLOCK_G, BLOCK_D)
+    if KEY_OK is not None:  # absent global keys: 0, the window kernel's part included
+        present = _key_flags(KEY_OK + b.to(tl.int64) * n, gpos, g_ok)[:, None]  # (BLOCK_G, 1)
+        dk, dv = tl.where(present, dk, 0.0), tl.where(present, dv, 0.0)
     _store_rows(DK + kv0 * HEAD_DIM, gpos, g_ok, dk, HEAD_DIM, BLOCK_D)
     _store_rows(DV + kv0 * HEAD_DIM, gpos, g_ok, dv, HEAD_DIM, BLOCK_D)
 
 
 # dQ of the non-global rows of one dilation group: the window and the global keys outside
-# it, exactly the keys of the forward (of the query head's key/value head).
+# it, exactly the keys of the forward (of the query head's key/value head, present ones
+# only with KEY_OK).
 #   dQ_i = scale * sum_j dS_ij k_j.
 # grid: as _fwd_window_kernel.
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_q_window_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, HEADS, GLOB,
+    Q, K, V, DO, LSE, DELTA, DQ, HEADS, GLOB, KEY_OK,
     scale, scale_log2, n, H, KVH, HG, d, lo, hi, G, causal, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -583,9 +634,11 @@ def _bwd_q_window_kernel(
     pos, row_ok = _class_rows(r, d, t0, m_r, BLOCK_M)  # (BLOCK_M,)
     res = _query_rows(_query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM), pos, row_ok, HEAD_DIM, BLOCK_D)
     kv = (K + kv0 * HEAD_DIM, V + kv0 * HEAD_DIM)
+    if KEY_OK is not None:  # the (n,) flags of batch b
+        KEY_OK += b.to(tl.int64) * n
 
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
-    (dq,) = _walk_pattern((dq,), res, kv, r, d, t0, m_r, lo, hi, GLOB, None, G, causal, scale_log2,
+    (dq,) = _walk_pattern((dq,), res, kv, r, d, t0, m_r, lo, hi, GLOB, None, KEY_OK, G, causal, scale_log2,
                           _dq_body, False, BLOCK_M, BLOCK_N, BLOCK_G, HEAD_DIM, BLOCK_D, DOT_PREC)  # fmt: skip
 
     # global rows: overwritten by _bwd_q_global_rows_kernel, launched after this one
@@ -593,10 +646,11 @@ def _bwd_q_window_kernel(
     _store_rows(DQ + row0 * HEAD_DIM, pos, row_ok, dq * scale, HEAD_DIM, BLOCK_D)
 
 
-# dQ of the global rows: every key (j <= g when causal).  grid: (ceil(G / BLOCK_G), B * H).
+# dQ of the global rows: every present key (j <= g when causal).
+# grid: (ceil(G / BLOCK_G), B * H).
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_q_global_rows_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, GLOB, scale, scale_log2, n, H, KVH, G, causal,
+    Q, K, V, DO, LSE, DELTA, DQ, GLOB, KEY_OK, scale, scale_log2, n, H, KVH, G, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):  # fmt: skip
@@ -604,8 +658,10 @@ def _bwd_q_global_rows_kernel(
     row0, kv0 = _row0(b, h, H, n), _kv_row0(b, h, H, KVH, n)
     res = _query_rows(_query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM), gpos, g_ok, HEAD_DIM, BLOCK_D)
     kv = (K + kv0 * HEAD_DIM, V + kv0 * HEAD_DIM)
+    if KEY_OK is not None:  # the (n,) flags of batch b
+        KEY_OK += b.to(tl.int64) * n
     dq = tl.full([BLOCK_G, BLOCK_D], 0.0, tl.float32)
-    (dq,) = _walk_list((dq,), res, kv, gpos, GLOB, None,
+    (dq,) = _walk_list((dq,), res, kv, gpos, GLOB, None, KEY_OK,
                        n, 0, _key_blocks(gpos, g_ok, n, causal, BLOCK_N), 1, 0, 0, causal, scale_log2, _dq_body,
                        OWN_KEYS=False, LISTED=False, OUTSIDE_WINDOW=False, SKIP_GLOBAL=False, BLOCK_S=BLOCK_N,
                        HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
@@ -688,6 +744,25 @@ def _prune(configs: list, named_args: dict, *, kind: str, **kwargs) -> list:
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
 
 
+class _KeepSums:
+    """The dK/dV tuner's hooks. With ``accumulate`` the kernel adds to DK, DV, and the
+    autotuner runs every config many times on them before the launch that counts: each
+    benchmarked run gets them back as they were (Triton's ``restore_value``, but only
+    when accumulating, so that storing launches copy nothing)."""
+
+    def __init__(self):
+        self.saved: dict = {}
+
+    def pre(self, kwargs: dict, reset_only: bool = False) -> None:
+        if not reset_only and kwargs["accumulate"]:
+            self.saved = {a: kwargs[a].clone() for a in ("DK", "DV")}
+
+    def post(self, kwargs: dict, exception=None) -> None:
+        for a, t in self.saved.items():
+            kwargs[a].copy_(t)
+        self.saved = {}
+
+
 def _tuner(kernel, rows: list[tuple[int, int, int, int]], kind: str):
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": b}, num_warps=w, num_stages=s) for m, b, w, s in rows]
     # keyed on head_dim (BLOCK_D), window (lo, hi), dilation (d) and the size bucket
@@ -695,7 +770,11 @@ def _tuner(kernel, rows: list[tuple[int, int, int, int]], kind: str):
     # the dtypes. None of these is specialised, so a new key retunes without recompiling.
     prune = functools.partial(_prune, kind=kind)
     key = ["BLOCK_D", "lo", "hi", "d", "n_tune"]
-    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
+    hooks = {}
+    if kind == "kv":
+        keep = _KeepSums()
+        hooks = {"pre_hook": keep.pre, "post_hook": keep.post}
+    return triton.autotune(configs, key=key, prune_configs_by={"early_config_prune": prune}, **hooks)(kernel)
 
 
 if INTERPRETED:
@@ -819,6 +898,12 @@ def _dot_args(dtype: torch.dtype) -> dict:
     return {"DOT_PREC": prec}
 
 
+def _key_flags_arg(key_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """KEY_OK of the kernels: the key mask ``(B, n)`` bool as int8 flags (the same bytes,
+    no copy when contiguous), or None: every key, and the code without the mask."""
+    return None if key_mask is None else key_mask.contiguous().view(torch.int8)
+
+
 def _block_g(G: int) -> int:
     return INTERPRETER_BLOCK if INTERPRETED else min(64, max(16, _next_pow2(G)))
 
@@ -833,11 +918,14 @@ def forward(
     causal: bool,
     glob: tuple[int, ...],
     scale: float,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention forward. q contiguous ``(B, H, n, D)``, k, v contiguous
     ``(B, KVH, n, D)`` (KVH dividing H); ``dilations`` one per query head; the window
-    ``(left, right)``; ``glob`` sorted unique positions. Returns ``out`` (input dtype)
-    and the base-2 log-sum-exp ``(B, H, n)`` fp32 that :func:`backward` needs."""
+    ``(left, right)``; ``glob`` sorted unique positions; ``key_mask`` ``(B, n)`` bool,
+    True where a key is present, or None. Returns ``out`` (input dtype) and the base-2
+    log-sum-exp ``(B, H, n)`` fp32 that :func:`backward` needs (+inf in rows that the
+    key mask leaves without keys)."""
     B, H, n, D = q.shape
     KVH = k.shape[1]
     bd, esize, G = block_d(D), q.element_size(), len(glob)
@@ -850,6 +938,7 @@ def forward(
     bg = _block_g(G)
     tune = not INTERPRETED and n >= AUTOTUNE_MIN_SEQ
     q, k, v = _kernel_inputs(q, k, v)  # after out is allocated: it keeps the caller's dtype
+    keys = _key_flags_arg(key_mask)
     cfg: dict = {}
     for d, lo_g, hi_g, heads in _groups(tuple(dilations), n, lo, hi):
         heads_t = _heads(q.device, tuple(heads))
@@ -861,6 +950,7 @@ def forward(
             lse,
             heads_t,
             g_t,
+            keys,
             scale_log2,
             n,
             H,
@@ -879,7 +969,7 @@ def forward(
         )  # fmt: skip
     if G:
         _global_launch(
-            _fwd_global_rows_kernel, (q, k, v, out, lse, g_t, scale_log2, n, H, KVH, G, int(causal)),
+            _fwd_global_rows_kernel, (q, k, v, out, lse, g_t, keys, scale_log2, n, H, KVH, G, int(causal)),
             streams="BLOCK_N", G=G, BH=B * H, bg=bg, bd=bd, esize=esize, HEAD_DIM=D, BLOCK_D=bd, **dot,
         )  # fmt: skip
     LAST_CONFIG.clear()
@@ -900,9 +990,11 @@ def backward(
     causal: bool,
     glob: tuple[int, ...],
     scale: float,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q ``(B, H, n, D)`` and k, v ``(B, KVH, n, D)`` from dO, recomputing P
-    from the saved LSE. Every tensor contiguous, as :func:`forward` got and returned them."""
+    from the saved LSE. Every tensor contiguous, as :func:`forward` got and returned them,
+    and the forward's ``key_mask``."""
     B, H, n, D = q.shape
     KVH = k.shape[1]
     GQ = H // KVH
@@ -932,6 +1024,7 @@ def backward(
     dk = alloc(k.shape, dtype=acc_dtype, device=q.device)
     dv = alloc(k.shape, dtype=acc_dtype, device=q.device)
     do, q, k, v, out = _kernel_inputs(do, q, k, v, out)  # the gradients keep the caller's dtype
+    keys = _key_flags_arg(key_mask)
     cfg_kv: dict = {}
     cfg_q: dict = {}
     for (d, lo_g, hi_g, heads), (kvs, qtab, qcnt) in zip(groups, slots):
@@ -939,13 +1032,13 @@ def backward(
         cfg_kv = _window_launch(
             _bwd_kv_window_kernel, _bwd_kv_window_tuned,
             (q, k, v, do, lse, delta, dk, dv, _heads(q.device, tuple(kvs)), _heads(q.device, tuple(qtab)),
-             _heads(q.device, tuple(qcnt)), row_global, g_t, scale, scale_log2, n, H, KVH, len(kvs), d, lo_g, hi_g,
-             G, int(causal), GQ, int(accumulate), _next_pow2(n)),
+             _heads(q.device, tuple(qcnt)), row_global, g_t, keys, scale, scale_log2, n, H, KVH, len(kvs), d, lo_g,
+             hi_g, G, int(causal), GQ, int(accumulate), _next_pow2(n)),
             programs_over="BLOCK_N", fixed=_fixed(bd, esize, "kv"), HG=len(kvs), **dot, **common,
         )  # fmt: skip
         cfg_q = _window_launch(
             _bwd_q_window_kernel, _bwd_q_window_tuned,
-            (q, k, v, do, lse, delta, dq, _heads(q.device, tuple(heads)), g_t, scale, scale_log2, n, H, KVH,
+            (q, k, v, do, lse, delta, dq, _heads(q.device, tuple(heads)), g_t, keys, scale, scale_log2, n, H, KVH,
              len(heads), d, lo_g, hi_g, G, int(causal), _next_pow2(n)),
             programs_over="BLOCK_M", fixed=_fixed(bd, esize, "q"), HG=len(heads), **dot, **common,
         )  # fmt: skip
@@ -954,13 +1047,13 @@ def backward(
         # after every group's dK/dV window kernel: it adds to what they stored
         _global_launch(
             _bwd_kv_global_keys_kernel,
-            (q, k, v, do, lse, delta, dk, dv, row_global, g_t, dil_t, scale, scale_log2, n, H, KVH, lo, hi, G,
+            (q, k, v, do, lse, delta, dk, dv, row_global, g_t, dil_t, keys, scale, scale_log2, n, H, KVH, lo, hi, G,
              int(causal)),
             streams="BLOCK_M", BH=B * KVH, **glob_common,
         )  # fmt: skip
         _global_launch(
             _bwd_q_global_rows_kernel,
-            (q, k, v, do, lse, delta, dq, g_t, scale, scale_log2, n, H, KVH, G, int(causal)),
+            (q, k, v, do, lse, delta, dq, g_t, keys, scale, scale_log2, n, H, KVH, G, int(causal)),
             streams="BLOCK_N", BH=B * H, **glob_common,
         )  # fmt: skip
     if acc_dtype != dtype:

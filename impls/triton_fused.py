@@ -1,5 +1,6 @@
 """triton: fused FlashAttention-2 style kernels for the whole pattern (window,
-dilation, per-head dilation, global tokens, causal), forward and backward.
+dilation, per-head dilation, global tokens, causal) and per-sample key masks, forward
+and backward.
 
     S = scale * Q K^T restricted to the pattern, never stored: each block of query rows
     streams only the key blocks that meet its window, then the global keys, keeping a
@@ -9,8 +10,10 @@ dilation, per-head dilation, global tokens, causal), forward and backward.
 
 Work and memory O(n * (w + G)) per head: dilation is handled by addressing each residue
 class with a stride of d tokens (no skipped key is visited), per-head dilation by one
-launch per dilation group, global rows by their own kernels. The kernels and their
-formulas are in ``impls/_triton_kernels.py``.
+launch per dilation group, global rows by their own kernels, a key mask by one flag
+per (sample, key) that the kernels read with each block of keys (no mask: the flags
+are None and the code is the one without). The kernels and their formulas are in
+``impls/_triton_kernels.py``.
 
 CPU tensors run in Triton's interpreter (numpy, slow: tests use small sizes); CUDA
 tensors run compiled kernels, autotuned per head_dim and window for long sequences.
@@ -137,6 +140,7 @@ _ARG_TYPES = {
     **{a: "*fp32" for a in ("LSE", "DELTA", "DK", "DV")},
     **{a: "*i32" for a in ("HEADS", "QHEADS", "QCNT", "GLOB", "DIL")},
     "ROW_GLOBAL": "*i8",
+    "KEY_OK": "*i8",  # the key mask's flags; a constexpr None without one
 }
 
 
@@ -150,6 +154,7 @@ def compile_ahead(
     num_stages: int = 2,
     arch: int = 90,
     block_g: int = 16,
+    key_mask: bool = False,
 ):
     """Compile one kernel of ``impls/_triton_kernels.py`` (e.g. "_fwd_window_kernel")
     for CUDA compute capability ``arch`` without a GPU, through Triton's whole pipeline
@@ -157,6 +162,8 @@ def compile_ahead(
     ``.asm["cubin"]``, ``.metadata.shared`` (bytes of shared memory). ``dtype`` is
     "bf16", "fp16" or "fp32" (whose dots are three TF32 products, as on a GPU).
     ``block_g`` is the global-key block (16 to 64 on CUDA, by the number of global tokens).
+    ``key_mask``: the code of a call with a key mask (KEY_OK a pointer), else of one
+    without (KEY_OK None, a constexpr, as a launch passes it).
     Pointers are marked 16-byte aligned, as Triton's launcher marks torch's
     allocations, so the code is what a launch would build. Raises ``OSError`` where
     Triton's CUDA toolchain cannot run, ``ImportError`` without its CUDA backend."""
@@ -170,6 +177,8 @@ def compile_ahead(
     types = dict(_ARG_TYPES, **{p: "*" + dtype for p in ("Q", "K", "V", "O", "DO", "DQ")})
     consts = dict(HEAD_DIM=head_dim, BLOCK_D=block_d(head_dim), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_G=block_g,
                   DOT_PREC="tf32x3" if dtype == "fp32" else "tf32")  # fmt: skip
+    if not key_mask:
+        consts["KEY_OK"] = None
     sig = {a: ("constexpr" if a in consts else types[a]) for a in fn.arg_names}
     cx = {(fn.arg_names.index(a),): consts[a] for a in fn.arg_names if a in consts}
     aligned = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
@@ -190,20 +199,22 @@ def _fwd_op(
     causal: bool,
     global_tokens: list[int],
     scale: float,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q ``(B, H, n, D)``, k, v ``(B, H_kv, n, D)`` (H_kv dividing H), the window
-    ``(left, right)``. Returns (out, lse2): out ``(B, H, n, D)`` contiguous in the input
-    dtype, lse2 the base-2 log-sum-exp ``(B, H, n)`` fp32. ``dilation`` has one entry per
-    query head."""
+    ``(left, right)``, ``key_mask`` ``(B, n)`` bool (True = present) or None. Returns
+    (out, lse2): out ``(B, H, n, D)`` contiguous in the input dtype, lse2 the base-2
+    log-sum-exp ``(B, H, n)`` fp32 (+inf in rows the key mask leaves without keys).
+    ``dilation`` has one entry per query head."""
     kern = _kernels_for(q)
     return kern.forward(
         q.contiguous(), k.contiguous(), v.contiguous(), tuple(dilation), left, right, causal, tuple(global_tokens),
-        scale,
+        scale, key_mask,
     )  # fmt: skip
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, left, right, dilation, causal, global_tokens, scale):
+def _fwd_fake(q, k, v, left, right, dilation, causal, global_tokens, scale, key_mask=None):
     B, H, n, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     return out, torch.empty((B, H, n), dtype=torch.float32, device=q.device)
@@ -223,32 +234,34 @@ def _bwd_op(
     causal: bool,
     global_tokens: list[int],
     scale: float,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), contiguous, in the input dtype; dk, dv ``(B, H_kv, n, D)`` like k, v."""
+    """(dq, dk, dv), contiguous, in the input dtype; dk, dv ``(B, H_kv, n, D)`` like k, v
+    (0 for keys the key mask removes)."""
     kern = _kernels_for(q)
     return kern.backward(
         dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
-        tuple(dilation), left, right, causal, tuple(global_tokens), scale,
+        tuple(dilation), left, right, causal, tuple(global_tokens), scale, key_mask,
     )  # fmt: skip
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, out, lse, left, right, dilation, causal, global_tokens, scale):
+def _bwd_fake(dout, q, k, v, out, lse, left, right, dilation, causal, global_tokens, scale, key_mask=None):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, left, right, dilation, causal, global_tokens, scale = inputs
+    q, k, v, left, right, dilation, causal, global_tokens, scale, key_mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, key_mask)
     ctx.params = (left, right, dilation, causal, global_tokens, scale)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch.ops.attnbench.triton_longformer_bwd(dout, q, k, v, out, lse, *ctx.params)
-    return dq, dk, dv, None, None, None, None, None, None
+    q, k, v, out, lse, key_mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.attnbench.triton_longformer_bwd(dout, q, k, v, out, lse, *ctx.params, key_mask)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -308,7 +321,7 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     "triton",
     devices=("cpu", "cuda"),
     dtypes=(torch.float32, torch.float16, torch.bfloat16),
-    features=tuple(f for f in FEATURES if f != "key_mask"),  # one mask for every sample
+    features=FEATURES,
     probe=_probe,
     check=_check,
     memory=_memory,
@@ -323,7 +336,14 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
         "max_head_dim": MAX_HEAD_DIM,
     },
 )
-def triton_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, scale: float) -> torch.Tensor:
+def triton_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """fused Triton kernels, FlashAttention-2 style over window + global keys (interpreted on CPU)"""
-    out, _ = torch.ops.attnbench.triton_longformer_fwd(q, k, v, *_op_args(q, pattern, scale))
+    out, _ = torch.ops.attnbench.triton_longformer_fwd(q, k, v, *_op_args(q, pattern, scale), key_mask)
     return out

@@ -1,7 +1,8 @@
 """The fused Triton implementation beyond the shared correctness cases: the custom op
 eager and under torch.compile, last_config, the kernel loader, the
-interpreter's small blocks, and the compiled (CUDA) path without a GPU: every kernel
-is compiled for sm90, and the CUDA launch code is run against recording stand-ins.
+interpreter's small blocks (with and without a key mask), and the compiled (CUDA) path
+without a GPU: every kernel is compiled for sm90, with and without a key mask, and the
+CUDA launch code is run against recording stand-ins.
 
 On the CPU the kernels run in Triton's interpreter, so sizes stay small."""
 
@@ -16,11 +17,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEVICE, assert_grads_ok, assert_output_ok, rand_dout, rand_qkv
+from conftest import DEVICE, assert_grads_ok, assert_output_ok, rand_dout, rand_key_mask, rand_qkv
 from fresh_python import run_fresh
 
 import attnbench
 from attnbench import Pattern
+from attnbench.reference import with_key_mask
 
 triton = pytest.importorskip("triton")
 import attnbench.impls.triton_fused as tf  # noqa: E402
@@ -39,32 +41,39 @@ def test_kernel_copies_coexist():
     assert interp is not compiled and tf.kernels(True) is interp
 
 
-def test_custom_op_torch_compile_and_last_config():
-    q, k, v = rand_qkv(1, 2, 40, 16, torch.float32, requires_grad=True)
+@pytest.mark.parametrize("key_mask", [False, True], ids=["all-keys", "key-mask"])
+def test_custom_op_torch_compile_and_last_config(key_mask):
+    B = 3 if key_mask else 1  # rand_key_mask: a sample of each kind
+    q, k, v = rand_qkv(B, 2, 40, 16, torch.float32, requires_grad=True)
     p = Pattern(6, 2, True, (3,))
+    km = rand_key_mask(B, 40) if key_mask else None
 
     fn = attnbench.get_impl("triton").fn  # the registry's own checks stay outside the graph
 
-    def f(q, k, v):
-        return fn(q, k, v, p, 0.25) * 2
+    def f(q, k, v, km):
+        kw = {} if km is None else {"key_mask": km}  # as the registry calls it
+        return fn(q, k, v, p, 0.25, **kw) * 2
 
     torch._dynamo.reset()
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
-    out = compiled(q, k, v)
+    out = compiled(q, k, v, km)
     cfg = tf.last_config()
     assert cfg["BLOCK_D"] == 16 and "backward" not in cfg and cfg["interpreted"] == (DEVICE == "cpu")
     if DEVICE == "cpu":
         assert cfg["BLOCK_M"] == cfg["BLOCK_N"] == tf.INTERPRETER_BLOCK
     else:  # n = 40: the fixed config, not the autotuner
         assert not cfg["autotuned"] and cfg["num_warps"] and cfg["BLOCK_M"] >= 16
-    assert_output_ok(out / 2, q, k, v, p, "compiled op", scale=0.25)
-    assert_grads_ok(lambda *x: compiled(*x) / 2, q, k, v, p, "compiled op", scale=0.25)
+    assert_output_ok(out / 2, q, k, v, p, "compiled op", scale=0.25, key_mask=km)
+    assert_grads_ok(lambda *x: compiled(*x, km) / 2, q, k, v, p, "compiled op", scale=0.25, key_mask=km)
     assert tf.last_config()["backward"]["kv"]["BLOCK_N"] >= 16
 
 
-def test_custom_op_opcheck():
-    q, k, v = rand_qkv(1, 2, 20, 16, torch.float32, requires_grad=True)
+@pytest.mark.parametrize("key_mask", [False, True], ids=["all-keys", "key-mask"])
+def test_custom_op_opcheck(key_mask):
+    q, k, v = rand_qkv(2, 2, 20, 16, torch.float32, requires_grad=True)
     args = (q, k[:, :1], v[:, :1], 2, 1, [1, 2], False, [0], 0.25)  # one key/value head, window (2, 1)
+    if key_mask:
+        args += (rand_key_mask(2, 20, seed=5),)
     torch.library.opcheck(torch.ops.attnbench.triton_longformer_fwd.default, args, test_utils=("test_schema",
                           "test_autograd_registration", "test_faketensor"))  # fmt: skip
 
@@ -93,6 +102,61 @@ def test_interpreter_small_blocks(monkeypatch, dtype):
     assert_output_ok(attnbench.attention(q, k, v, p, impl="triton"), q, k, v, p, "blocks of 16")
     triton = lambda *x: attnbench.attention(*x, p, impl="triton")  # noqa: E731
     assert_grads_ok(triton, q, k, v, p, "blocks of 16", dout=rand_dout(q, seed=4))
+
+
+def _key_mask_case(causal: bool) -> tuple[Pattern, torch.Tensor]:
+    """2 query heads at dilations (1, 2) on one key/value head (read at two dilations:
+    two dK/dV launches that add up), n = 64, global tokens (0, 30, 63), and a key mask
+    of 3 samples: global token 30 and a few keys masked; then left padding over global
+    token 0 and holes; then, causal, no key at all, else every global token masked, a
+    hole wider than any window and right padding."""
+    n = 64
+    glob = (0, 30, 63)
+    if causal:
+        p = Pattern(7, (1, 2), True, glob)  # rows 0..6 of sample 1: only masked keys before them
+    else:
+        p = Pattern((5, 3), (1, 2), False, glob)
+    km = torch.ones(3, n, dtype=torch.bool)
+    km[0, [30, 40, 41, 42, 43]] = False
+    km[1] = rand_key_mask(3, n, seed=7)[2].cpu()  # left padding (0..5) and holes (6 among them)
+    if causal:
+        km[2] = False
+    else:
+        km[2, list(glob)] = False
+        km[2, 20:48] = False  # 28 tokens: rows 31..41 see no key at either dilation
+        km[2, 56:] = False
+    return p, km.to(DEVICE)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "lr5-3"])
+def test_interpreter_key_mask_small_blocks(monkeypatch, causal):
+    """A key mask in blocks of 16 (:func:`_key_mask_case`): outputs and gradients
+    against the reference, and exactly 0 where the reference is (rows left without
+    keys, their dq; masked keys' dk, dv), through the dK/dV kernels' read-add-write
+    paths (global keys, several dilation groups per key/value head) and their skipped
+    blocks (no key present)."""
+    monkeypatch.setattr(tf.kernels(True), "INTERPRETER_BLOCK", 16)
+    p, km = _key_mask_case(causal)
+    (B, n), H = km.shape, 2
+    q, k, v = rand_qkv(B, H, n, 16, torch.float32, seed=11, kv_heads=1)
+    empty = ~with_key_mask(p.mask(n, heads=H).to(km.device), km).any(-1)  # (B, H, n) rows without keys
+    assert empty.any() and empty[:, :, list(p.global_tokens)].any() == causal  # the case has what it says
+    what = f"key mask {p.describe()}"
+    out = attnbench.attention(q, k, v, p, impl="triton", key_mask=km)
+    assert_output_ok(out, q, k, v, p, what, key_mask=km)
+    assert not out[empty].any(), f"{what}: rows without keys are not 0"
+
+    grads = {}
+
+    def triton(q, k, v):
+        for name, t in zip("qkv", (q, k, v)):
+            t.register_hook(lambda g, name=name: grads.__setitem__(name, g))
+        return attnbench.attention(q, k, v, p, impl="triton", key_mask=km)
+
+    assert_grads_ok(triton, q, k, v, p, what, dout=rand_dout(q, seed=12), key_mask=km)
+    assert not grads["q"][empty].any(), f"{what}: dq of rows without keys is not 0"
+    for name in "kv":
+        assert not grads[name].transpose(1, 2)[~km].any(), f"{what}: d{name} of masked keys is not 0"
 
 
 @pytest.mark.parametrize("window, dilation", [((50, 0), 1), ((24, 24), 1), ((5, 60), 2), ((0, 0), 1), ((70, 0), 3)])
@@ -172,8 +236,9 @@ class _Recorder:
         return launch
 
 
+@pytest.mark.parametrize("key_mask", [False, True], ids=["all-keys", "key-mask"])
 @pytest.mark.parametrize("n", [300, 5000])  # fixed configs; autotuned kernels (n >= AUTOTUNE_MIN_SEQ)
-def test_cuda_launch_code_binds(monkeypatch, n):
+def test_cuda_launch_code_binds(monkeypatch, n, key_mask):
     kern = tf.kernels(False)
     recorders = {}
     for name in dir(kern):
@@ -187,8 +252,9 @@ def test_cuda_launch_code_binds(monkeypatch, n):
     B, H, KVH, D = 2, 4, 2, 40
     q = torch.zeros(B, H, n, D, dtype=torch.bfloat16)
     k, v = (torch.zeros(B, KVH, n, D, dtype=torch.bfloat16) for _ in range(2))
-    out, lse = kern.forward(q, k, v, (1, 1, 2, 3), 16, 0, True, (0, 7, n - 1), 0.1)
-    dq, dk, dv = kern.backward(out, q, k, v, out, lse, (1, 1, 2, 3), 16, 0, True, (0, 7, n - 1), 0.1)
+    km = torch.rand(B, n, generator=torch.Generator().manual_seed(0)) > 0.2 if key_mask else None
+    out, lse = kern.forward(q, k, v, (1, 1, 2, 3), 16, 0, True, (0, 7, n - 1), 0.1, km)
+    dq, dk, dv = kern.backward(out, q, k, v, out, lse, (1, 1, 2, 3), 16, 0, True, (0, 7, n - 1), 0.1, km)
     assert dq.shape == q.shape and dk.shape == dv.shape == k.shape
     launches = [x for r in recorders.values() for x in r.launches]
     names = {x[0] for x in launches}
@@ -197,6 +263,10 @@ def test_cuda_launch_code_binds(monkeypatch, n):
         "_bwd_q_window_kernel", "_bwd_kv_global_keys_kernel", "_bwd_q_global_rows_kernel",
     }  # fmt: skip
     for name, grid, args in launches:
+        if name != "_bwd_delta_kernel":  # the key mask's own bytes as int8 flags, or None
+            flags = args["KEY_OK"]
+            assert flags is None if km is None else flags.dtype == torch.int8 and torch.equal(flags.bool(), km)
+            assert km is None or flags.data_ptr() == km.data_ptr(), f"{name}: the key mask was copied"
         if name in ("_fwd_window_kernel", "_bwd_q_window_kernel", "_bwd_kv_window_kernel"):
             d, own = args["d"], args["BLOCK_N" if name == "_bwd_kv_window_kernel" else "BLOCK_M"]
             n_cls = -(-n // d)  # longest residue class
@@ -215,17 +285,54 @@ def test_cuda_launch_code_binds(monkeypatch, n):
         assert (cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["num_stages"]) == (64, 32, 3)
 
 
+@pytest.mark.parametrize("accumulate", [1, 0])
+def test_autotuning_leaves_accumulated_gradients_alone(monkeypatch, accumulate):
+    """The dK/dV kernel adds to DK, DV when a key/value head's query heads span several
+    dilation groups; the autotuner runs every config many times on those buffers before
+    the launch that counts. Its real tuner, with the kernel replaced by one that adds 1
+    and a benchmark that calls it 3 times per config: only the counted launch stays."""
+    kern = tf.kernels(False)
+    tuner = kern._bwd_kv_window_tuned
+    names = tuner.fn.arg_names
+    calls = []
+
+    class AddOne:  # stands in for the compiled kernel: what accumulate does to DK, DV
+        arg_names = names
+
+        def run(self, *args, **kwargs):
+            a = dict(zip(names, args))
+            calls.append(kwargs["BLOCK_M"])
+            for t in (a["DK"], a["DV"]):
+                t.copy_(t + 1 if a["accumulate"] else torch.ones_like(t))
+
+    def bench(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        return [1.0, 1.0, 1.0]
+
+    monkeypatch.setattr(tuner, "fn", AddOne())
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setitem(tuner.__dict__, "do_bench", bench)
+    dk, dv = torch.full((4,), 5.0), torch.full((4,), 5.0)
+    args = {a: 0 for a in names if a not in ("HEAD_DIM", "BLOCK_D", "BLOCK_M", "BLOCK_N", "BLOCK_G", "DOT_PREC")}
+    args.update(Q=torch.empty(0, dtype=torch.bfloat16), DK=dk, DV=dv, accumulate=accumulate, d=1, n_tune=8192)
+    tuner.run(*args.values(), grid=(1,), HEAD_DIM=64, BLOCK_D=64, BLOCK_G=16, DOT_PREC="tf32")
+    assert len(calls) > 3 * 2, "the tuner did not benchmark several configs"
+    want = 6.0 if accumulate else 1.0
+    assert dk.tolist() == dv.tolist() == [want] * 4, f"after tuning: dk {dk.tolist()}, dv {dv.tolist()}"
+
+
 _ALL_KERNELS = ("_fwd_window_kernel", "_fwd_global_rows_kernel", "_bwd_delta_kernel", "_bwd_kv_window_kernel",
                 "_bwd_kv_global_keys_kernel", "_bwd_q_window_kernel", "_bwd_q_global_rows_kernel")  # fmt: skip
 _WINDOW_KERNELS = {"fwd": "_fwd_window_kernel", "kv": "_bwd_kv_window_kernel", "q": "_bwd_q_window_kernel"}
 
 
 def _compile_sm90(name: str, dtype: str, head_dim: int, bm: int = 64, bn: int = 32, warps: int = 4, stages: int = 2,
-                  bg: int = 16):  # fmt: skip
+                  bg: int = 16, key_mask: bool = False):  # fmt: skip
     """One kernel through Triton's whole CUDA pipeline for sm90, no GPU needed
     (tf.compile_ahead: pointers marked aligned as the launcher marks them)."""
     try:
-        return tf.compile_ahead(name, dtype, head_dim, bm, bn, warps, stages, arch=90, block_g=bg)
+        return tf.compile_ahead(name, dtype, head_dim, bm, bn, warps, stages, arch=90, block_g=bg, key_mask=key_mask)
     except ImportError as e:  # pragma: no cover
         pytest.skip(f"no CUDA backend in this triton: {e}")
     except OSError as e:  # pragma: no cover - the toolchain, not the kernels
@@ -234,17 +341,26 @@ def _compile_sm90(name: str, dtype: str, head_dim: int, bm: int = 64, bn: int = 
 
 def test_kernels_compile_for_sm90():
     """Every kernel compiles (catches what the interpreter lets through: typing,
-    constexpr use), and the window kernels move their q, k, v tiles in 16-byte copies
-    (a 2-byte load per element would cost several times the memory traffic and would
-    show in no CPU test). head_dim 40 is padded to 64, so the masks along it count."""
+    constexpr use), without a key mask and, all but delta's, with one; and the window
+    kernels move their q, k, v tiles in 16-byte copies (a 2-byte load per element would
+    cost several times the memory traffic and would show in no CPU test). head_dim 40
+    is padded to 64, so the masks along it count. A key mask's flags are one more
+    pointer parameter; without one, KEY_OK is a constexpr None and no parameter."""
+    kern = tf.kernels(False)
     for name in _ALL_KERNELS:
-        compiled = _compile_sm90(name, "bf16", 40)
-        assert compiled.asm.get("cubin"), name
-        if name in _WINDOW_KERNELS.values():
+        pointers = []
+        for key_mask in (False, True) if "KEY_OK" in getattr(kern, name).arg_names else (False,):
+            what = f"{name}{' with a key mask' if key_mask else ''}"
+            compiled = _compile_sm90(name, "bf16", 40, key_mask=key_mask)
+            assert compiled.asm.get("cubin"), what
             ptx = compiled.asm["ptx"]
-            narrow = re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b|cp\.async\.\w+\.shared\.global[^;]*, 0x2,", ptx)
-            assert not narrow, f"{name}: 2-byte global loads in the bf16 kernel: {narrow[:3]}"
-            assert re.search(r"cp\.async\.cg\.shared\.global[^;]*, 0x10,", ptx), f"{name}: no 16-byte tile copies"
+            pointers.append(len(re.findall(r"\.param \.u64 \.ptr", ptx)))
+            if name in _WINDOW_KERNELS.values():
+                narrow = re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b|cp\.async\.\w+\.shared\.global[^;]*, 0x2,", ptx)
+                assert not narrow, f"{what}: 2-byte global loads in the bf16 kernel: {narrow[:3]}"
+                assert re.search(r"cp\.async\.cg\.shared\.global[^;]*, 0x10,", ptx), f"{what}: no 16-byte tile copies"
+        assert len(pointers) == (1 if name == "_bwd_delta_kernel" else 2), name
+        assert pointers[1:] in ([], [pointers[0] + 1]), f"{name}: pointer parameters without, with a mask: {pointers}"
 
 
 @pytest.mark.parametrize("head_dim", [16, 64, 256])
@@ -341,17 +457,22 @@ def test_no_interpret_leak():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_autotuned_kernels_match_reference(dtype):
     """n >= AUTOTUNE_MIN_SEQ takes the autotuned kernels, which the correctness cases
-    (n <= 1000) never reach: one such case forward and backward, with dilation 2 and
-    global tokens (every kernel launches), head_dim 128 in bf16 (64 in fp32)."""
+    (n <= 1000) never reach: one such case forward and backward, with global tokens
+    (every kernel launches), head_dim 128 in bf16 (64 in fp32), two query heads at
+    dilations 2 and 1 on one key/value head (the dK/dV kernel's tuned launches add up),
+    and in bf16 a key mask (left padding and holes)."""
     if DEVICE != "cuda":
         pytest.skip("the autotuned kernels run only on CUDA; in the interpreter n = 4096 would take minutes")
     n, D = tf.AUTOTUNE_MIN_SEQ, 128 if dtype == torch.bfloat16 else 64
-    p = Pattern(512, 2, False, (0, n // 2 - 1, n - 1))
-    q, k, v = rand_qkv(1, 2, n, D, dtype)
-    out = attnbench.attention(q, k, v, p, impl="triton")
+    p = Pattern(512, (2, 1), False, (0, n // 2 - 1, n - 1))
+    q, k, v = rand_qkv(1, 2, n, D, dtype, kv_heads=1)
+    km = rand_key_mask(3, n)[2:] if dtype == torch.bfloat16 else None  # the kind with every gap
+    what = f"triton autotuned n={n}{' key mask' if km is not None else ''}"
+    out = attnbench.attention(q, k, v, p, impl="triton", key_mask=km)
     assert tf.last_config()["autotuned"]
-    assert_output_ok(out, q, k, v, p, f"triton autotuned n={n}")
-    assert_grads_ok(lambda *x: attnbench.attention(*x, p, impl="triton"), q, k, v, p, f"triton autotuned n={n}")
+    assert_output_ok(out, q, k, v, p, what, key_mask=km)
+    assert_grads_ok(lambda *x: attnbench.attention(*x, p, impl="triton", key_mask=km), q, k, v, p, what,
+                    key_mask=km)  # fmt: skip
 
 
 def test_resources_script_reports_each_config():
