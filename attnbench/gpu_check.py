@@ -824,9 +824,9 @@ def _value(t: dict, found: list[dict | None]) -> float | None:
     not ok or lacks the value."""
     col = "time_ms_median" if t["measure"] in ("speedup", "time_ratio") else "peak_mem_bytes"
     a, b = (_num(r[col]) if r is not None and r["status"] == "ok" else None for r in found)
-    if t["measure"] == "extra_memory":  # the peak over the output and an fp32 value per row
+    if t["measure"] == "extra_memory":  # the peak over the output and two fp32 per row (a row's max and 1/sum)
         c = _config(t, t["impl"])
-        b = c.batch * c.heads * c.seq_len * (c.head_dim * c.torch_dtype().itemsize + 4)
+        b = c.batch * c.heads * c.seq_len * (c.head_dim * c.torch_dtype().itemsize + 8)
     if not (a and b):
         return None
     return b / a if t["measure"] == "speedup" else a / b

@@ -12,8 +12,14 @@ walks that feed them (``_walk_band``, ``_walk_list``, strung together by
 ``_walk_pattern``), each written once.
 
 Notation. q, k, v, o are ``(B, H, n, D)``, made contiguous by the caller. The scale
-is applied in base 2: ``s = q.k * scale * log2(e)``, so ``exp2(s - lse2)`` is the
-probability and ``lse2 = log2(sum_j exp2(s_j))`` is what the forward saves.
+is applied in base 2: ``s = q.k * scale * log2(e)``. What the forward saves of each
+row is its statistics ``(m, 1/l)``: the row's largest score and the inverse of
+``l = sum_j exp2(s_j - m)``, so that the backward's probability is
+``P_j = exp2(s_j - m) * (1/l)``. Not ``exp2(s_j - lse2)`` with ``lse2 = m + log2(l)``:
+rounded to fp32, lse2 carries an absolute error of half an ulp of its magnitude, which
+becomes the same relative error in every P of the row; summed over a row's keys (dK,
+dV) it gave gradients 1.3x the dense computation's error in fp32, against 1.0x with m
+and 1/l kept apart (each P then has the rounding of 1/l, 6e-8).
 
 Dilation without visiting skipped keys. With dilation d, token ``p = r + d*t`` is
 row ``t`` of residue class ``r = p mod d``; a dilated window over the tokens is the
@@ -47,8 +53,8 @@ Key masks (per sample, holes anywhere): KEY_OK, ``(B, n)`` int8 flags, 1 where k
 of batch b is present, or None without a mask (a None argument is a constexpr: the
 code without a mask is what it was). Kernels that own queries (forward, dQ) read the
 flags of each partner key block and count only present keys, in the window and among
-the global keys alike; a row left without any key stores O = 0 and LSE2 = +inf, so
-that the backward's P = 2^(s - LSE2) is 0 for it whatever the mask. Kernels that own
+the global keys alike; a row left without any key stores O = 0 and statistics
+(+inf, 0), so that the backward's P = 2^(s - m) / l is 0 for it whatever the mask. Kernels that own
 keys (dK/dV) walk as without a mask and store 0 for their masked keys: P is 0 for
 them in every row (a block of masked keys only walks nothing).
 
@@ -177,19 +183,23 @@ def _store_rows(base, pos, ok, x, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr)
 
 
 @triton.jit
-def _query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM: tl.constexpr):
-    # (Q, DO, LSE, DELTA) of the (batch, head) whose rows start at row0
-    return Q + row0 * HEAD_DIM, DO + row0 * HEAD_DIM, LSE + row0, DELTA + row0
+def _query_ptrs(Q, DO, STATS, DELTA, row0, HEAD_DIM: tl.constexpr):
+    # (Q, DO, STATS, DELTA) of the (batch, head) whose rows start at row0; STATS holds
+    # two fp32 per row, (m, 1/l)
+    return Q + row0 * HEAD_DIM, DO + row0 * HEAD_DIM, STATS + 2 * row0, DELTA + row0
 
 
 @triton.jit
 def _query_rows(ptrs, pos, ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    # what the backward reads of query rows pos (R,): q, dO (R, BLOCK_D) and lse2,
-    # delta (R,) fp32, from ptrs = (Q, DO, LSE, DELTA) of one (batch, head)
-    Q, DO, LSE, DELTA = ptrs
+    # what the backward reads of query rows pos (R,): q, dO (R, BLOCK_D) and the row
+    # statistics m, 1/l and delta (R,) fp32, from ptrs = (Q, DO, STATS, DELTA) of one
+    # (batch, head)
+    Q, DO, STATS, DELTA = ptrs
     q = _load_rows(Q, pos, ok, HEAD_DIM, BLOCK_D)  # (R, BLOCK_D)
     do = _load_rows(DO, pos, ok, HEAD_DIM, BLOCK_D)  # (R, BLOCK_D)
-    return q, do, tl.load(LSE + pos, mask=ok, other=0.0), tl.load(DELTA + pos, mask=ok, other=0.0)
+    m = tl.load(STATS + 2 * pos, mask=ok, other=0.0)  # (R,)
+    inv_l = tl.load(STATS + 2 * pos + 1, mask=ok, other=0.0)  # (R,)
+    return q, do, m, inv_l, tl.load(DELTA + pos, mask=ok, other=0.0)
 
 
 @triton.jit
@@ -280,15 +290,15 @@ def _fwd_body(accs, res, ptrs, spos, s_ok, ok, scale_log2,
 @triton.jit
 def _dq_body(accs, res, ptrs, spos, s_ok, ok, scale_log2,
              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
-    # One key block of dQ (scale applied at the store), P recomputed from the saved LSE:
-    #   P = 2^(s - lse2);  dP = dO v^T;  dS = P * (dP - delta);  dQ += dS k
+    # One key block of dQ (scale applied at the store), P recomputed from the saved row
+    # statistics:  P = 2^(s - m) / l;  dP = dO v^T;  dS = P * (dP - delta);  dQ += dS k
     (dq,) = accs  # (M, BLOCK_D) fp32
-    q, do, lse, delta = res  # (M, BLOCK_D), (M, BLOCK_D), (M,), (M,)
+    q, do, m, inv_l, delta = res  # (M, BLOCK_D), (M, BLOCK_D), (M,), (M,), (M,)
     K, V = ptrs
     k = _load_rows(K, spos, s_ok, HEAD_DIM, BLOCK_D)  # (S, BLOCK_D)
     v = _load_rows(V, spos, s_ok, HEAD_DIM, BLOCK_D)  # (S, BLOCK_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # (M, S)
-    p = tl.where(ok, tl.math.exp2(s - lse[:, None]), 0.0)  # (M, S)
+    p = tl.where(ok, tl.math.exp2(s - m[:, None]) * inv_l[:, None], 0.0)  # (M, S)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # (M, S)
     ds = p * (dp - delta[:, None])  # (M, S)
     return (tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC),)  # (M, BLOCK_D)
@@ -298,13 +308,13 @@ def _dq_body(accs, res, ptrs, spos, s_ok, ok, scale_log2,
 def _dkdv_body(accs, res, ptrs, spos, s_ok, ok, scale_log2,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
     # One query block of dK, dV (scale applied at the store), transposed:
-    #   P^T = 2^(k q^T - lse2);  dV += P^T dO;  dP^T = v dO^T;  dS^T = P^T * (dP^T - delta)
+    #   P^T = 2^(k q^T - m) / l;  dV += P^T dO;  dP^T = v dO^T;  dS^T = P^T * (dP^T - delta)
     #   dK += dS^T q
     dk, dv = accs  # (N, BLOCK_D) fp32 each
     k, v = res  # (N, BLOCK_D)
-    q, do, lse, delta = _query_rows(ptrs, spos, s_ok, HEAD_DIM, BLOCK_D)  # (S, BLOCK_D) x2, (S,) x2
+    q, do, m, inv_l, delta = _query_rows(ptrs, spos, s_ok, HEAD_DIM, BLOCK_D)  # (S, BLOCK_D) x2, (S,) x3
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # (N, S)
-    p_t = tl.where(ok, tl.math.exp2(s_t - lse[None, :]), 0.0)  # (N, S)
+    p_t = tl.where(ok, tl.math.exp2(s_t - m[None, :]) * inv_l[None, :], 0.0)  # (N, S)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)  # (N, BLOCK_D)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # (N, S)
     ds_t = p_t * (dp_t - delta[None, :])  # (N, S)
@@ -423,19 +433,21 @@ def _key_blocks(gpos, g_ok, n, causal, BLOCK_N: tl.constexpr):
 
 # ---------------------------------------------------------------------------- forward
 @triton.jit
-def _fwd_store(accs, Ob, LSEb, pos, ok, KEY_OK, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    # O = acc / l, LSE2 = m + log2(l) of rows pos (R,). A row with a key has l >= 1 (its
-    # largest term is 2^0); l = 0 only in padding rows and, with a key mask (KEY_OK not
-    # None), in rows it left without keys: there acc = 0, so O = 0, and LSE2 = +inf, so
-    # that the backward's P = 2^(s - LSE2) is 0 for every key of the row
+def _fwd_store(accs, Ob, STATSb, pos, ok, KEY_OK, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # O = acc / l and the statistics (m, 1/l) of rows pos (R,). A row with a key has
+    # l >= 1 (its largest term is 2^0); l = 0 only in padding rows and, with a key mask
+    # (KEY_OK not None), in rows it left without keys: there acc = 0, so O = 0, and the
+    # statistics are (+inf, 0), so that the backward's P = 2^(s - m) / l is 0 for every
+    # key of the row
     acc, l_i, m_i = accs  # (R, BLOCK_D), (R,), (R,)
     l_safe = tl.where(l_i > 0, l_i, 1.0)  # (R,)
-    _store_rows(Ob, pos, ok, acc / l_safe[:, None], HEAD_DIM, BLOCK_D)
-    lse_ptrs = LSEb + pos  # (R,)
-    lse = m_i + tl.math.log2(l_safe)  # (R,)
+    inv_l = 1.0 / l_safe  # (R,)
+    _store_rows(Ob, pos, ok, acc * inv_l[:, None], HEAD_DIM, BLOCK_D)
     if KEY_OK is not None:
-        lse = tl.where(l_i > 0, lse, float("inf"))
-    tl.store(lse_ptrs, lse, mask=ok)
+        m_i = tl.where(l_i > 0, m_i, float("inf"))
+        inv_l = tl.where(l_i > 0, inv_l, 0.0)
+    tl.store(STATSb + 2 * pos, m_i, mask=ok)
+    tl.store(STATSb + 2 * pos + 1, inv_l, mask=ok)
 
 
 @triton.jit
@@ -452,12 +464,13 @@ def _fwd_init(R: tl.constexpr, BLOCK_D: tl.constexpr):
 #   O_p = sum_j softmax_j(s_pj) v_j over j in {r + d*u : lo <= u - t <= hi, 0 <= u < m_r}
 #         and over the global keys outside that set (g <= p when causal),
 #         j present in batch b (KEY_OK, B x n flags; None: every key);  O_p = 0 if no j,
-#   LSE2_p = log2 sum_j 2^(s_pj) (+inf if no j),  s_pj = scale * log2(e) * q_p . k_j.
+#   (m_p, 1/l_p) = (max_j s_pj, 1 / sum_j 2^(s_pj - m_p)) ((+inf, 0) if no j),
+#   s_pj = scale * log2(e) * q_p . k_j.
 # k_j, v_j those of query head h's key/value head, h // (H / KVH).
 # grid: (d * ceil(ceil(n/d) / BLOCK_M), B * HG); program (class r, row block, batch, head).
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_window_kernel(
-    Q, K, V, O, LSE, HEADS, GLOB, KEY_OK,
+    Q, K, V, O, STATS, HEADS, GLOB, KEY_OK,
     scale_log2, n, H, KVH, HG, d, lo, hi, G, causal, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -478,16 +491,16 @@ def _fwd_window_kernel(
     # _fwd_global_rows_kernel, launched after this one on the same stream. Masking them
     # here would need their flags in the epilogue, which costs the loop registers.
     pos, row_ok = _class_rows(r, d, t0, m_r, BLOCK_M)
-    _fwd_store(accs, O + row0 * HEAD_DIM, LSE + row0, pos, row_ok, KEY_OK, HEAD_DIM, BLOCK_D)
+    _fwd_store(accs, O + row0 * HEAD_DIM, STATS + 2 * row0, pos, row_ok, KEY_OK, HEAD_DIM, BLOCK_D)
 
 
 # Global rows: every present key (j <= g when causal), dense over n for these G rows only.
-#   O_g = sum_j softmax_j(s_gj) v_j (0 if no j),  LSE2_g = log2 sum_j 2^(s_gj) (+inf if no j),
+#   O_g = sum_j softmax_j(s_gj) v_j (0 if no j),  (m_g, 1/l_g) as above,
 #   j present in batch b (KEY_OK; None: every key).
 # grid: (ceil(G / BLOCK_G), B * H).
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _fwd_global_rows_kernel(
-    Q, K, V, O, LSE, GLOB, KEY_OK, scale_log2, n, H, KVH, G, causal,
+    Q, K, V, O, STATS, GLOB, KEY_OK, scale_log2, n, H, KVH, G, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):  # fmt: skip
@@ -501,16 +514,16 @@ def _fwd_global_rows_kernel(
                       _key_blocks(gpos, g_ok, n, causal, BLOCK_N), 1, 0, 0, causal, scale_log2, _fwd_body,
                       OWN_KEYS=False, LISTED=False, OUTSIDE_WINDOW=False, SKIP_GLOBAL=False, BLOCK_S=BLOCK_N,
                       HEAD_DIM=HEAD_DIM, BLOCK_D=BLOCK_D, DOT_PREC=DOT_PREC)  # fmt: skip
-    _fwd_store(accs, O + row0 * HEAD_DIM, LSE + row0, gpos, g_ok, KEY_OK, HEAD_DIM, BLOCK_D)
+    _fwd_store(accs, O + row0 * HEAD_DIM, STATS + 2 * row0, gpos, g_ok, KEY_OK, HEAD_DIM, BLOCK_D)
 
 
 # ---------------------------------------------------------------------------- backward
 # With P = softmax(S), dO given:  dV = P^T dO,  dP = dO V^T,
 #   dS = P * (dP - delta),  delta_i = sum_j P_ij dP_ij = rowsum(dO_i * O_i),
 #   dQ = scale * dS K,  dK = scale * dS^T Q.
-# P is recomputed from the saved LSE: P_ij = 2^(s_ij - LSE2_i). With a key mask, P_ij = 0
+# P is recomputed from the saved row statistics: P_ij = 2^(s_ij - m_i) / l_i. With a key mask, P_ij = 0
 # for absent keys j: dQ leaves them out as the forward does, dK/dV store 0 for them; a
-# row without keys has LSE2 = +inf, so its P is 0 for every key (and its O, delta are 0).
+# row without keys has statistics (+inf, 0), so its P is 0 for every key (and its O, delta are 0).
 
 
 # delta_i = rowsum(dO_i * O_i), fp32.  grid: (ceil(n / BLOCK_M), B * H).
@@ -538,7 +551,7 @@ def _bwd_delta_kernel(
 # grid: (d * ceil(ceil(n/d) / BLOCK_N), B * HG), HG key/value heads.
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_kv_window_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, QHEADS, QCNT, ROW_GLOBAL, GLOB, KEY_OK,
+    Q, K, V, DO, STATS, DELTA, DK, DV, HEADS, QHEADS, QCNT, ROW_GLOBAL, GLOB, KEY_OK,
     scale, scale_log2, n, H, KVH, HG, d, lo, hi, G, causal, GQ, accumulate, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -557,7 +570,7 @@ def _bwd_kv_window_kernel(
         KEY_OK += b.to(tl.int64) * n
         n_heads = tl.where(_max(_key_flags(KEY_OK, kpos, col_ok).to(tl.int32), 0) > 0, n_heads, 0)
     for i in range(_trip(0), _trip(n_heads)):
-        rows = _query_ptrs(Q, DO, LSE, DELTA, _row0(b, tl.load(QHEADS + slot * GQ + i), H, n), HEAD_DIM)
+        rows = _query_ptrs(Q, DO, STATS, DELTA, _row0(b, tl.load(QHEADS + slot * GQ + i), H, n), HEAD_DIM)
         # partners are queries, never masked: absent owned keys are zeroed below
         dk, dv = _walk_pattern((dk, dv), (k, v), rows, r, d, u0, m_r, lo, hi, GLOB, ROW_GLOBAL, None, G, causal,
                                scale_log2, _dkdv_body, True, BLOCK_N, BLOCK_M, BLOCK_G, HEAD_DIM, BLOCK_D,
@@ -584,7 +597,7 @@ def _bwd_kv_window_kernel(
 # grid: (ceil(G / BLOCK_G), B * KVH).
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_kv_global_keys_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, ROW_GLOBAL, GLOB, DIL, KEY_OK,
+    Q, K, V, DO, STATS, DELTA, DK, DV, ROW_GLOBAL, GLOB, DIL, KEY_OK,
     scale, scale_log2, n, H, KVH, lo, hi, G, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
     DOT_PREC: tl.constexpr,
@@ -603,7 +616,7 @@ def _bwd_kv_global_keys_kernel(
         d = tl.load(DIL + h)
         # this head's offsets, clipped to its longest class (as the host does per group)
         reach = _cdiv_k(n, d) - 1
-        rows = _query_ptrs(Q, DO, LSE, DELTA, _row0(b, h, H, n), HEAD_DIM)
+        rows = _query_ptrs(Q, DO, STATS, DELTA, _row0(b, h, H, n), HEAD_DIM)
         dk, dv = _walk_list((dk, dv), (k, v), rows, gpos, GLOB, ROW_GLOBAL, None, n, first, _cdiv_k(n, BLOCK_M), d,
                             tl.maximum(lo, -reach), tl.minimum(hi, reach), causal, scale_log2, _dkdv_body,
                             OWN_KEYS=True, LISTED=False, OUTSIDE_WINDOW=True, SKIP_GLOBAL=True, BLOCK_S=BLOCK_M,
@@ -624,7 +637,7 @@ def _bwd_kv_global_keys_kernel(
 # grid: as _fwd_window_kernel.
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_q_window_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, HEADS, GLOB, KEY_OK,
+    Q, K, V, DO, STATS, DELTA, DQ, HEADS, GLOB, KEY_OK,
     scale, scale_log2, n, H, KVH, HG, d, lo, hi, G, causal, n_tune,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr,
@@ -632,7 +645,7 @@ def _bwd_q_window_kernel(
     r, t0, m_r, b, h = _class_block(HEADS, n, HG, d, BLOCK_M)
     row0, kv0 = _row0(b, h, H, n), _kv_row0(b, h, H, KVH, n)
     pos, row_ok = _class_rows(r, d, t0, m_r, BLOCK_M)  # (BLOCK_M,)
-    res = _query_rows(_query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM), pos, row_ok, HEAD_DIM, BLOCK_D)
+    res = _query_rows(_query_ptrs(Q, DO, STATS, DELTA, row0, HEAD_DIM), pos, row_ok, HEAD_DIM, BLOCK_D)
     kv = (K + kv0 * HEAD_DIM, V + kv0 * HEAD_DIM)
     if KEY_OK is not None:  # the (n,) flags of batch b
         KEY_OK += b.to(tl.int64) * n
@@ -650,13 +663,13 @@ def _bwd_q_window_kernel(
 # grid: (ceil(G / BLOCK_G), B * H).
 @triton.jit(do_not_specialize=_NO_SPEC)
 def _bwd_q_global_rows_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, GLOB, KEY_OK, scale, scale_log2, n, H, KVH, G, causal,
+    Q, K, V, DO, STATS, DELTA, DQ, GLOB, KEY_OK, scale, scale_log2, n, H, KVH, G, causal,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     gpos, g_ok, b, h = _global_block(GLOB, G, H, BLOCK_G)  # (BLOCK_G,) row positions
     row0, kv0 = _row0(b, h, H, n), _kv_row0(b, h, H, KVH, n)
-    res = _query_rows(_query_ptrs(Q, DO, LSE, DELTA, row0, HEAD_DIM), gpos, g_ok, HEAD_DIM, BLOCK_D)
+    res = _query_rows(_query_ptrs(Q, DO, STATS, DELTA, row0, HEAD_DIM), gpos, g_ok, HEAD_DIM, BLOCK_D)
     kv = (K + kv0 * HEAD_DIM, V + kv0 * HEAD_DIM)
     if KEY_OK is not None:  # the (n,) flags of batch b
         KEY_OK += b.to(tl.int64) * n
@@ -704,13 +717,14 @@ def smem_bytes(kind: str, bm: int, bn: int, stages: int, bd: int, esize: int, bg
     blocks (bm, bn), ``stages`` pipeline stages, padded head dim ``bd``, ``esize``-byte
     inputs and global block ``bg``:
 
-        (resident * own + 2 * stages * walk) * bd * esize + 8 * stages * walk + 1 KiB
+        (resident * own + 2 * stages * walk) * bd * esize + row * stages * walk + 1 KiB
 
     own: rows of the block a program owns; walk: rows of the blocks its loops stream,
     the window's (the other of bm, bn) or the global loop's (bg), whichever is larger:
     each streamed block's two tiles (k, v or q, dO) get one buffer per stage, plus its
-    fp32 row vectors (lse, delta); fp32 inputs hold the resident tiles twice (tf32x3
-    splits them into a high and a low part). Fitted to what Triton's sm90 compiler
+    fp32 row vectors (``row`` bytes: 12 for the query rows dK/dV streams, their m, 1/l
+    and delta; else 8); fp32 inputs hold the resident tiles twice (tf32x3 splits them
+    into a high and a low part). Fitted to what Triton's sm90 compiler
     allocates (for each config: scripts/triton_resources.py); tests/test_triton.py
     compiles configs on both sides of the limit, with global blocks of 16 and 64, and
     checks the estimate is not below the compiler's figure. It can be below it for
@@ -720,7 +734,8 @@ def smem_bytes(kind: str, bm: int, bn: int, stages: int, bd: int, esize: int, bg
     walk = max(walk, bg)
     if esize == 4:
         resident *= 2
-    return (resident * own + 2 * stages * walk) * bd * esize + 8 * stages * walk + 1024
+    row_bytes = 12 if kind == "kv" else 8  # dK/dV streams query rows: their (m, 1/l) and delta
+    return (resident * own + 2 * stages * walk) * bd * esize + row_bytes * stages * walk + 1024
 
 
 def _fits(kind: str, bm: int, bn: int, stages: int, bd: int, esize: int, bg: int = 16) -> bool:
@@ -923,15 +938,15 @@ def forward(
     """Attention forward. q contiguous ``(B, H, n, D)``, k, v contiguous
     ``(B, KVH, n, D)`` (KVH dividing H); ``dilations`` one per query head; the window
     ``(left, right)``; ``glob`` sorted unique positions; ``key_mask`` ``(B, n)`` bool,
-    True where a key is present, or None. Returns ``out`` (input dtype) and the base-2
-    log-sum-exp ``(B, H, n)`` fp32 that :func:`backward` needs (+inf in rows that the
-    key mask leaves without keys)."""
+    True where a key is present, or None. Returns ``out`` (input dtype) and the row
+    statistics ``(B, H, n, 2)`` fp32 that :func:`backward` needs: each row's largest
+    score ``m`` (base 2) and ``1/l`` ((+inf, 0) in rows the key mask leaves without keys)."""
     B, H, n, D = q.shape
     KVH = k.shape[1]
     bd, esize, G = block_d(D), q.element_size(), len(glob)
     lo, hi = _offsets(left, right, n)
     out = torch.empty_like(q)
-    lse = torch.empty((B, H, n), dtype=torch.float32, device=q.device)
+    stats = torch.empty((B, H, n, 2), dtype=torch.float32, device=q.device)  # each row's (m, 1/l)
     _, g_t, _ = _meta(q.device, n, tuple(dilations), tuple(glob))
     dot = _dot_args(q.dtype)
     scale_log2 = float(scale) * LOG2E
@@ -947,7 +962,7 @@ def forward(
             k,
             v,
             out,
-            lse,
+            stats,
             heads_t,
             g_t,
             keys,
@@ -969,12 +984,12 @@ def forward(
         )  # fmt: skip
     if G:
         _global_launch(
-            _fwd_global_rows_kernel, (q, k, v, out, lse, g_t, keys, scale_log2, n, H, KVH, G, int(causal)),
+            _fwd_global_rows_kernel, (q, k, v, out, stats, g_t, keys, scale_log2, n, H, KVH, G, int(causal)),
             streams="BLOCK_N", G=G, BH=B * H, bg=bg, bd=bd, esize=esize, HEAD_DIM=D, BLOCK_D=bd, **dot,
         )  # fmt: skip
     LAST_CONFIG.clear()
     LAST_CONFIG.update(cfg, BLOCK_D=bd, BLOCK_G=bg, interpreted=INTERPRETED)
-    return out, lse
+    return out, stats
 
 
 def backward(
@@ -983,7 +998,7 @@ def backward(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     dilations: tuple[int, ...],
     left: int,
     right: int,
@@ -993,7 +1008,7 @@ def backward(
     key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of q ``(B, H, n, D)`` and k, v ``(B, KVH, n, D)`` from dO, recomputing P
-    from the saved LSE. Every tensor contiguous, as :func:`forward` got and returned them,
+    from the saved STATS. Every tensor contiguous, as :func:`forward` got and returned them,
     and the forward's ``key_mask``."""
     B, H, n, D = q.shape
     KVH = k.shape[1]
@@ -1007,7 +1022,7 @@ def backward(
     bg = _block_g(G)
     tune = not INTERPRETED and n >= AUTOTUNE_MIN_SEQ
 
-    delta = torch.empty_like(lse)  # (B, H, n) fp32
+    delta = torch.empty(stats.shape[:-1], dtype=torch.float32, device=q.device)  # (B, H, n)
     bmd = INTERPRETER_BLOCK if INTERPRETED else 64
     _bwd_delta_kernel[(_cdiv(n, bmd), B * H)](out, do, delta, n, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=bmd)
 
@@ -1031,14 +1046,14 @@ def backward(
         common = dict(n=n, d=d, B=B, tune=tune, HEAD_DIM=D, BLOCK_D=bd, BLOCK_G=bg)
         cfg_kv = _window_launch(
             _bwd_kv_window_kernel, _bwd_kv_window_tuned,
-            (q, k, v, do, lse, delta, dk, dv, _heads(q.device, tuple(kvs)), _heads(q.device, tuple(qtab)),
+            (q, k, v, do, stats, delta, dk, dv, _heads(q.device, tuple(kvs)), _heads(q.device, tuple(qtab)),
              _heads(q.device, tuple(qcnt)), row_global, g_t, keys, scale, scale_log2, n, H, KVH, len(kvs), d, lo_g,
              hi_g, G, int(causal), GQ, int(accumulate), _next_pow2(n)),
             programs_over="BLOCK_N", fixed=_fixed(bd, esize, "kv"), HG=len(kvs), **dot, **common,
         )  # fmt: skip
         cfg_q = _window_launch(
             _bwd_q_window_kernel, _bwd_q_window_tuned,
-            (q, k, v, do, lse, delta, dq, _heads(q.device, tuple(heads)), g_t, keys, scale, scale_log2, n, H, KVH,
+            (q, k, v, do, stats, delta, dq, _heads(q.device, tuple(heads)), g_t, keys, scale, scale_log2, n, H, KVH,
              len(heads), d, lo_g, hi_g, G, int(causal), _next_pow2(n)),
             programs_over="BLOCK_M", fixed=_fixed(bd, esize, "q"), HG=len(heads), **dot, **common,
         )  # fmt: skip
@@ -1047,13 +1062,13 @@ def backward(
         # after every group's dK/dV window kernel: it adds to what they stored
         _global_launch(
             _bwd_kv_global_keys_kernel,
-            (q, k, v, do, lse, delta, dk, dv, row_global, g_t, dil_t, keys, scale, scale_log2, n, H, KVH, lo, hi, G,
+            (q, k, v, do, stats, delta, dk, dv, row_global, g_t, dil_t, keys, scale, scale_log2, n, H, KVH, lo, hi, G,
              int(causal)),
             streams="BLOCK_M", BH=B * KVH, **glob_common,
         )  # fmt: skip
         _global_launch(
             _bwd_q_global_rows_kernel,
-            (q, k, v, do, lse, delta, dq, g_t, keys, scale, scale_log2, n, H, KVH, G, int(causal)),
+            (q, k, v, do, stats, delta, dq, g_t, keys, scale, scale_log2, n, H, KVH, G, int(causal)),
             streams="BLOCK_N", BH=B * H, **glob_common,
         )  # fmt: skip
     if acc_dtype != dtype:

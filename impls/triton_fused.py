@@ -4,8 +4,8 @@ and backward.
 
     S = scale * Q K^T restricted to the pattern, never stored: each block of query rows
     streams only the key blocks that meet its window, then the global keys, keeping a
-    running max m and sum l (online softmax, fp32); O = acc / l, LSE = m + log l.
-    Backward recomputes P = exp(S - LSE): delta = rowsum(dO * O), then a dK/dV kernel
+    running max m and sum l (online softmax, fp32); O = acc / l, and each row's (m, 1/l)
+    is saved. Backward recomputes P = exp(S - m) / l: delta = rowsum(dO * O), then a dK/dV kernel
     and a dQ kernel (dS = P * (dP - delta)), as in Triton's fused-attention tutorial.
 
 Work and memory O(n * (w + G)) per head: dilation is handled by addressing each residue
@@ -137,7 +137,7 @@ def _report() -> dict:
 _ARG_TYPES = {
     **{a: "i32" for a in ("n", "H", "KVH", "HG", "d", "lo", "hi", "G", "causal", "GQ", "accumulate", "n_tune")},
     **{a: "fp32" for a in ("scale", "scale_log2")},
-    **{a: "*fp32" for a in ("LSE", "DELTA", "DK", "DV")},
+    **{a: "*fp32" for a in ("STATS", "DELTA", "DK", "DV")},
     **{a: "*i32" for a in ("HEADS", "QHEADS", "QCNT", "GLOB", "DIL")},
     "ROW_GLOBAL": "*i8",
     "KEY_OK": "*i8",  # the key mask's flags; a constexpr None without one
@@ -203,8 +203,9 @@ def _fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q ``(B, H, n, D)``, k, v ``(B, H_kv, n, D)`` (H_kv dividing H), the window
     ``(left, right)``, ``key_mask`` ``(B, n)`` bool (True = present) or None. Returns
-    (out, lse2): out ``(B, H, n, D)`` contiguous in the input dtype, lse2 the base-2
-    log-sum-exp ``(B, H, n)`` fp32 (+inf in rows the key mask leaves without keys).
+    (out, stats): out ``(B, H, n, D)`` contiguous in the input dtype, stats ``(B, H, n,
+    2)`` fp32 each row's largest score (base 2) and 1 / its sum of 2^(s - max) ((+inf,
+    0) in rows the key mask leaves without keys).
     ``dilation`` has one entry per query head."""
     kern = _kernels_for(q)
     return kern.forward(
@@ -217,7 +218,7 @@ def _fwd_op(
 def _fwd_fake(q, k, v, left, right, dilation, causal, global_tokens, scale, key_mask=None):
     B, H, n, _ = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    return out, torch.empty((B, H, n), dtype=torch.float32, device=q.device)
+    return out, torch.empty((B, H, n, 2), dtype=torch.float32, device=q.device)
 
 
 @torch.library.custom_op("attnbench::triton_longformer_bwd", mutates_args=())
@@ -227,7 +228,7 @@ def _bwd_op(
     k: torch.Tensor,
     v: torch.Tensor,
     out: torch.Tensor,
-    lse: torch.Tensor,
+    stats: torch.Tensor,
     left: int,
     right: int,
     dilation: list[int],
@@ -240,27 +241,27 @@ def _bwd_op(
     (0 for keys the key mask removes)."""
     kern = _kernels_for(q)
     return kern.backward(
-        dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
+        dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), stats.contiguous(),
         tuple(dilation), left, right, causal, tuple(global_tokens), scale, key_mask,
     )  # fmt: skip
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, out, lse, left, right, dilation, causal, global_tokens, scale, key_mask=None):
+def _bwd_fake(dout, q, k, v, out, stats, left, right, dilation, causal, global_tokens, scale, key_mask=None):
     return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, left, right, dilation, causal, global_tokens, scale, key_mask = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, key_mask)
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, key_mask)
     ctx.params = (left, right, dilation, causal, global_tokens, scale)
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(stats)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, key_mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.attnbench.triton_longformer_bwd(dout, q, k, v, out, lse, *ctx.params, key_mask)
+    q, k, v, out, stats, key_mask = ctx.saved_tensors
+    dq, dk, dv = torch.ops.attnbench.triton_longformer_bwd(dout, q, k, v, out, stats, *ctx.params, key_mask)
     return dq, dk, dv, None, None, None, None, None, None, None
 
 
@@ -309,8 +310,8 @@ def _check(q: torch.Tensor, pattern: Pattern) -> list[str]:
 
 def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
     io = B * H * n * D * esize
-    rows = B * H * n * 4  # LSE / delta, fp32
-    fwd = io + rows + n  # out, LSE, the global-row flags
+    rows = B * H * n * 4  # one fp32 per row: delta
+    fwd = io + 2 * rows + n  # out, the row statistics (m, 1/l), the global-row flags
     if not backward:
         return float(fwd)
     dkv = 2 * B * H * n * D * (4 + esize) if pattern.global_tokens else 2 * io  # fp32 buffers, then cast

@@ -268,8 +268,8 @@ def _h100_row(c, ms, peak, **kw):
 
 def _verdict_rows(tmp_path):
     tri = dataclasses.replace(gpu_check._config(_T, "triton"), study="targets")
-    out_bytes = 16 * 32768 * (64 * 2 + 4)
-    gpu_check.append(tmp_path, _h100_row(tri, 1.0, out_bytes), "run-2")  # exactly the output + LSE
+    out_bytes = 16 * 32768 * (64 * 2 + 8)
+    gpu_check.append(tmp_path, _h100_row(tri, 1.0, out_bytes), "run-2")  # exactly the output + (m, 1/l)
     gpu_check.append(tmp_path, _h100_row(dataclasses.replace(tri, impl="flex"), 1.3, 10**9), "run-1")
     why = "over the time budget: stopped by gpu_check after 9 s"
     gpu_check.append(

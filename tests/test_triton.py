@@ -85,7 +85,7 @@ def test_op_eager_autograd_matches_reference():
     q, k, v = rand_qkv(2, 2, 37, 24, torch.float32, requires_grad=True)
     p = Pattern(8, (1, 3), False, (36,))
     out, lse = torch.ops.attnbench.triton_longformer_fwd(q, k, v, 4, 4, [1, 3], False, [36], 24**-0.5)
-    assert not lse.requires_grad and lse.shape == (2, 2, 37)
+    assert not lse.requires_grad and lse.shape == (2, 2, 37, 2)  # each row's (max, 1 / sum)
     assert_output_ok(out, q, k, v, p, "eager op", scale=24**-0.5)
     op = torch.ops.attnbench.triton_longformer_fwd
     assert_grads_ok(lambda *x: op(*x, 4, 4, [1, 3], False, [36], 24**-0.5)[0], q, k, v, p, "eager op",
