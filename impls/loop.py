@@ -29,7 +29,7 @@ def _extra_globals(i: int, d: int, lo: int, hi: int, globs: tuple[int, ...], cau
     return [g for g in globs if not window_rule(i, g, d, lo, hi) and not (causal and g > i)]
 
 
-@register("loop", features=FEATURES, memory=_memory)
+@register("loop", features=FEATURES, memory=_memory, slow_on_cpu=True)
 def loop(
     q: torch.Tensor,
     k: torch.Tensor,
