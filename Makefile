@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make bench     set up .venv and run the main job (python -m attnbench; ARGS="..." to override)
-#   make test      set up .venv and run the test suite
+#   make test      set up .venv and run the test suite's quick tier (what CI runs;
+#                  make test-full runs all of it)
 # TORCH pins the torch build: torch==2.13.0 is the CPU build where one is on disk;
 # on a CUDA machine use the torch you have (make TORCH=torch) or install it first.
 PY ?= python3
@@ -9,13 +10,13 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup bench test lint mutation scaling benchmark clean
+.PHONY: setup bench test test-full lint mutation scaling benchmark clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q "$(TORCH)"
-	$(VENV)/bin/python -m pip install -q -e ".[test]"
+	$(VENV)/bin/python -m pip install -q --no-compile "$(TORCH)"
+	$(VENV)/bin/python -m pip install -q --no-compile -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
@@ -24,6 +25,10 @@ bench: setup
 	$(VENV)/bin/python -m attnbench $(ARGS)
 
 test: setup
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 -m "not full" $(PYTEST_ARGS) tests
+	$(VENV)/bin/python -m pytest -q --nbmake notebooks
+
+test-full: setup
 	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 $(PYTEST_ARGS) tests
 	$(VENV)/bin/python -m pytest -q --nbmake notebooks
 

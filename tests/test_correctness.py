@@ -4,11 +4,13 @@ Parametrised over the registry x pattern cases x dtypes the implementation decla
 The tolerance is the verification policy's (attnbench.verify), the same the engine's
 gate applies: relative to PyTorch's own error in that dtype (the control), plus a small
 floor. Implementations registered ``slow_on_cpu`` (interpreted kernels,
-compile-heavy baselines) run the cases marked ``small`` on the CPU, in fp32 and on a
-few cases in bf16 / fp16 (``SLOW_DTYPES``): each compiled shape or interpreted call
-costs seconds there. Per-call refusals an implementation declares through its
-``check`` (e.g. FlexAttention's CPU backward) are left out here and tested with
-the implementation; so are the refusals (test_registry.py, test_baselines.py).
+compile-heavy baselines, the paper's Python loop) run the cases marked ``small`` on
+the CPU, in fp32 and on a few cases in bf16 / fp16 (``SLOW_DTYPES``): each compiled
+shape or interpreted call costs seconds there, and the loop's backward one autograd
+node per query; the quick tier (``make test``) runs their core cases (``FULL``).
+Per-call refusals an implementation declares through its ``check`` (e.g.
+FlexAttention's CPU backward) are left out here and tested with the implementation;
+so are the refusals (test_registry.py, test_baselines.py).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ class Case:
     n: int
     D: int
     pattern: Pattern
-    small: bool = False  # also run for slow_on_cpu implementations
+    small: bool = False  # also run for slow_on_cpu implementations (in the full tier)
+    core: bool = False  # small, and run for them in the quick tier too (see FULL below)
     KV: int | None = None  # key/value heads (grouped-query attention); None: H
     key_mask: bool = False  # a per-sample key mask on top (conftest.rand_key_mask)
 
@@ -40,43 +43,62 @@ class Case:
 
 
 CASES = [
-    Case("n1", 1, 2, 1, 16, Pattern(4), small=True),
-    Case("n7-w0", 1, 2, 7, 16, Pattern(0), small=True),
+    Case("n1", 1, 2, 1, 16, Pattern(4), small=True, core=True),
+    Case("n7-w0", 1, 2, 7, 16, Pattern(0), small=True, core=True),
     Case("n97-w8", 1, 2, 97, 16, Pattern(8), small=True),
-    Case("n97-w256-dense", 1, 2, 97, 16, Pattern(256), small=True),
+    Case("n97-w256-dense", 1, 2, 97, 16, Pattern(256), small=True, core=True),
     Case("n97-w10-d3", 1, 2, 97, 16, Pattern(10, 3), small=True),
     Case("n257-w16-d2-hd40", 1, 2, 257, 40, Pattern(16, 2)),
     Case("n1000-w64", 1, 2, 1000, 64, Pattern(64)),
     Case("n1000-w32-d3-g", 1, 2, 1000, 16, Pattern(32, 3, False, (0, 500, 999))),
     Case("n98-perhead-1123", 1, 4, 98, 16, Pattern(6, (1, 1, 2, 3)), small=True),
     Case("n97-g-start", 1, 2, 97, 16, Pattern(8, global_tokens=(0,)), small=True),
-    Case("n97-g-mid-end", 1, 2, 97, 16, Pattern(8, global_tokens=(48, 96)), small=True),
+    Case("n97-g-mid-end", 1, 2, 97, 16, Pattern(8, global_tokens=(48, 96)), small=True, core=True),
     Case("n97-g-many", 1, 2, 97, 16, Pattern(4, global_tokens=range(0, 97, 3))),
     Case("n97-causal", 1, 2, 97, 16, Pattern(8, causal=True), small=True),
-    Case("n97-causal-d2-g", 1, 2, 97, 32, Pattern(6, 2, True, (0, 50)), small=True),
+    Case("n97-causal-d2-g", 1, 2, 97, 32, Pattern(6, 2, True, (0, 50)), small=True, core=True),
     Case("n61-causal-perhead-g", 1, 4, 61, 16, Pattern(4, (1, 2, 3, 1), True, (5, 60))),
     Case("b3-n50-d2-g", 3, 2, 50, 16, Pattern(8, 2, False, (0,)), small=True),
     Case("n130-hd128-g", 1, 2, 130, 128, Pattern(16, global_tokens=(0,))),
     Case("b2-n257-perhead-g", 2, 4, 257, 32, Pattern(16, (1, 1, 2, 3), False, (0, 128, 256))),
     # (left, right) windows: odd and unequal sides, one-sided without causal, causal odd
     Case("n97-lr5-2", 1, 2, 97, 16, Pattern((5, 2)), small=True),
-    Case("n97-lr0-7-d2-g", 1, 2, 97, 16, Pattern((0, 7), 2, False, (0, 60)), small=True),
+    Case("n97-lr0-7-d2-g", 1, 2, 97, 16, Pattern((0, 7), 2, False, (0, 60)), small=True, core=True),
     Case("n97-causal-w7", 1, 2, 97, 16, Pattern(7, causal=True), small=True),
     Case("n257-lr31-0-g", 1, 2, 257, 32, Pattern((31, 0), 1, False, (200,))),
     Case("n257-causal-lr13-5-d2-g", 1, 2, 257, 16, Pattern((13, 5), 2, True, (0, 100))),
     Case("n1000-lr63-1-g", 1, 2, 1000, 16, Pattern((63, 1), 1, False, (0, 999))),
-    Case("n98-perhead-lr6-3", 1, 4, 98, 16, Pattern((6, 3), (1, 2, 1, 3)), small=True),
+    Case("n98-perhead-lr6-3", 1, 4, 98, 16, Pattern((6, 3), (1, 2, 1, 3)), small=True, core=True),
     # grouped-query and multi-query attention: 8 query heads on 2 or 1 key/value heads
     Case("n97-gqa8-2", 1, 8, 97, 16, Pattern(8), small=True, KV=2),
-    Case("n97-mqa8-1-causal-w5-g", 1, 8, 97, 16, Pattern(5, 1, True, (3, 50)), small=True, KV=1),
+    Case("n97-mqa8-1-causal-w5-g", 1, 8, 97, 16, Pattern(5, 1, True, (3, 50)), small=True, core=True, KV=1),
     Case(
-        "n97-gqa8-2-perhead-lr", 1, 8, 97, 16, Pattern((9, 4), (1, 2, 1, 3, 3, 3, 1, 2), False, (0,)), small=True, KV=2
+        "n97-gqa8-2-perhead-lr",
+        1,
+        8,
+        97,
+        16,
+        Pattern((9, 4), (1, 2, 1, 3, 3, 3, 1, 2), False, (0,)),
+        small=True,
+        core=True,
+        KV=2,
     ),  # fmt: skip
     Case("b2-n257-gqa8-2-lr-d2", 2, 8, 257, 32, Pattern((20, 11), 2, False, (0, 128)), KV=2),
     Case("n257-mqa8-1-lr", 1, 8, 257, 64, Pattern((127, 64)), KV=1),
     # key masks with holes anywhere, right and left padding (rows left without keys)
     Case("b3-n97-keys", 3, 2, 97, 16, Pattern(8), small=True, key_mask=True),
-    Case("b3-n97-keys-causal-d2-g-gqa", 3, 4, 97, 16, Pattern(7, 2, True, (0, 50)), small=True, KV=2, key_mask=True),
+    Case(
+        "b3-n97-keys-causal-d2-g-gqa",
+        3,
+        4,
+        97,
+        16,
+        Pattern(7, 2, True, (0, 50)),
+        small=True,
+        core=True,
+        KV=2,
+        key_mask=True,
+    ),
     Case("b3-n257-keys-lr-perhead-g", 3, 4, 257, 32, Pattern((9, 4), (1, 2, 1, 3), False, (10, 200)), key_mask=True),
 ]
 
@@ -86,6 +108,14 @@ SLOW_DTYPES = {
     "n98-perhead-1123": (torch.float32, torch.bfloat16),
     "n97-gqa8-2-perhead-lr": (torch.float32, torch.bfloat16),
 }
+
+#: the full tier (``pytest -m full``; ``make test`` leaves it out): for slow_on_cpu
+#: implementations on the CPU, the small cases beyond the core ones and low precision
+#: beyond the first case. The core cases hold every feature at least once: n = 1,
+#: window 0 and window >= n, globals at the last key, causal with dilation and globals
+#: (in every dtype), per-head dilation, one-sided windows, grouped- and multi-query
+#: heads, key masks with all of them.
+FULL = pytest.mark.full
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 GRAD_DTYPES = [torch.float64, torch.float32, torch.bfloat16]
@@ -117,7 +147,8 @@ def _params(dtypes: list[torch.dtype], backward: bool):
                     probe = torch.empty(case.B, case.H, case.n, case.D, dtype=dt, device=DEVICE)
                     if im.check(probe.requires_grad_(backward), case.pattern):
                         continue  # a declared per-call refusal, tested where the impl is
-                out.append(pytest.param(name, case, dt, id=f"{name}-{case.id}-{str(dt)[6:]}"))
+                full = slow and not (case.core and (dt == torch.float32 or case.id == "n97-causal-d2-g"))
+                out.append(pytest.param(name, case, dt, id=f"{name}-{case.id}-{str(dt)[6:]}", marks=[FULL] * full))
     return out
 
 

@@ -114,8 +114,16 @@ def _available(impl: str) -> None:
         pytest.skip(f"{impl} has no key masks: a padded batch is refused (test_refusals_say_why)")
 
 
-@pytest.mark.parametrize("impl", ["naive", "chunked", "triton"])
-@pytest.mark.parametrize("family", list(MODELS))
+def _quick(family: str, impl: str, quick: tuple[str, ...]):
+    """Interpreted (Triton) and compiled (FlexAttention) runs cost seconds a layer on the
+    CPU: the quick tier runs them on the models named, the full tier on every one."""
+    return pytest.param(family, impl, marks=[pytest.mark.full] * (family not in quick), id=f"{family}-{impl}")
+
+
+@pytest.mark.parametrize(
+    "family, impl",
+    [(f, i) for f in MODELS for i in ("naive", "chunked")] + [_quick(f, "triton", ("gemma3",)) for f in MODELS],
+)  # Gemma 3: grouped-query heads, sliding and full layers, causal
 def test_outputs_and_every_gradient_equal_huggingface(family, impl):
     """A padded batch through every layer, forward and backward; attnbench's code ran for
     every layer, with the layer's own window (a counter, not a belief)."""
@@ -124,12 +132,12 @@ def test_outputs_and_every_gradient_equal_huggingface(family, impl):
     assert calls == {(impl, label): count for label, count in LAYERS[family].items()}, calls
 
 
-@pytest.mark.parametrize("family", list(MODELS))
-def test_flex_outputs_equal_huggingface(family):
+@pytest.mark.parametrize("family, impl", [_quick(f, "flex", ("modernbert",)) for f in MODELS])
+def test_flex_outputs_equal_huggingface(family, impl):
     """FlexAttention's compiled CPU path is inference-only: outputs."""
-    _available("flex")
+    _available(impl)
     with torch.no_grad():
-        _check(MODELS[family](), "flex", backward=False)
+        _check(MODELS[family](), impl, backward=False)
 
 
 def test_decoding_with_a_cache_is_exact():

@@ -363,8 +363,16 @@ def test_kernels_compile_for_sm90():
         assert pointers[1:] in ([], [pointers[0] + 1]), f"{name}: pointer parameters without, with a mask: {pointers}"
 
 
-@pytest.mark.parametrize("head_dim", [16, 64, 256])
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+#: each sm90 compile costs seconds: of the sweeps below the quick tier compiles the
+#: untuned configs at head_dim 64 in bf16 and the two configs on either side of the
+#: limit; the full tier (``make test-full``) all of them
+_SWEEP = pytest.mark.full
+
+
+@pytest.mark.parametrize(
+    "dtype, head_dim", [("bf16", 64)] + [pytest.param(d, h, marks=_SWEEP) for d, h in
+                                          [("bf16", 16), ("bf16", 256), ("fp32", 16), ("fp32", 64), ("fp32", 256)]]
+)  # fmt: skip
 def test_untuned_configs_fit_sm90(dtype, head_dim):
     """Short sequences, and autotuning when no tuned config fits, use _fixed(): those
     must compile and fit an H100's shared memory at every head_dim, or the call fails."""
@@ -378,9 +386,11 @@ def test_untuned_configs_fit_sm90(dtype, head_dim):
 
 
 # configs on both sides of the sm90 limit: (kind, dtype, head_dim, BLOCK_M, BLOCK_N, warps, stages, BLOCK_G)
-_SMEM_SAMPLES = [
+_SMEM_QUICK = [
     ("fwd", "bf16", 256, 64, 64, 4, 3, 16),  # 224 KiB: fits, barely
     ("fwd", "bf16", 256, 128, 64, 8, 3, 16),  # 256 KiB: does not
+]
+_SMEM_SAMPLES = [
     ("q", "bf16", 256, 64, 64, 4, 2, 16),
     ("q", "bf16", 256, 128, 64, 8, 2, 16),
     ("kv", "bf16", 256, 32, 64, 4, 3, 16),
@@ -394,7 +404,9 @@ _SMEM_SAMPLES = [
 ]
 
 
-@pytest.mark.parametrize("sample", _SMEM_SAMPLES, ids=lambda s: "-".join(map(str, s)))
+@pytest.mark.parametrize(
+    "sample", _SMEM_QUICK + [pytest.param(s, marks=_SWEEP) for s in _SMEM_SAMPLES], ids=lambda s: "-".join(map(str, s))
+)
 def test_smem_estimate_bounds_the_compiler(sample):
     """The autotuner's pruning trusts smem_bytes(): it must not be below what the
     compiler allocates, and must agree with it on which side of the limit a config is."""
@@ -406,6 +418,7 @@ def test_smem_estimate_bounds_the_compiler(sample):
     assert (est <= kern.SMEM_LIMIT) == (real <= kern.SMEM_LIMIT), f"estimate {est} B, compiled {real} B"
 
 
+@_SWEEP
 @pytest.mark.parametrize("kind", ["q", "kv"])
 def test_configs_kept_with_many_global_tokens_fit_sm90(kind):
     """fp32, head_dim 128, a global block of 64 (33 or more global tokens), backward:
