@@ -79,14 +79,25 @@ def test_flex_refuses_the_cpu_shapes_pytorch_gets_wrong() -> None:
 
     q, k, v = rand_qkv(1, 1, 40, 16, torch.float32)
     _refused("flex", q, Pattern(16), "head_dim=16, seq_len=40")
-    assert not attnbench.get_impl("flex").check(torch.empty(1, 1, 72, 16), Pattern(16))  # n = 72: right
+    _refused("flex", torch.empty(1, 1, 120, 16), Pattern(16), "head_dim=16, seq_len=120")
+    assert not attnbench.get_impl("flex").check(torch.empty(1, 1, 136, 16), Pattern(16))  # n = 136: right
     near = lambda b, h, q_idx, kv_idx: (q_idx - kv_idx).abs() <= 8  # noqa: E731
     bm = create_block_mask(near, None, None, 40, 40, device="cpu")
     torch._dynamo.reset()
+    run = torch.compile(flex_attention, dynamic=False)
+    # The wrong rows vary from call to call (about 1 off, or nan; now and then none):
+    # the kernel reads memory it never wrote. So one right call proves nothing; twenty is
+    # what it takes to call it fixed.
+    verdicts = []
     with torch.no_grad():
-        got = torch.compile(flex_attention, dynamic=False)(q, k, v, block_mask=bm, scale=0.25)
-    verdict = check_output(got, q, k, v, Pattern(16), 0.25)
-    assert not verdict.ok, f"PyTorch {torch.__version__} computes this right now: lift the refusal ({verdict})"
+        for _ in range(20):
+            verdicts.append(check_output(run(q, k, v, block_mask=bm, scale=0.25), q, k, v, Pattern(16), 0.25))
+            if not verdicts[-1].ok:
+                break
+    assert not verdicts[-1].ok, (
+        f"PyTorch {torch.__version__} computed this right {len(verdicts)} times in a row: "
+        f"lift the refusal ({verdicts[-1]})"
+    )
 
 
 def test_flex_backward() -> None:
