@@ -80,9 +80,10 @@ _CPU_INFERENCE_ONLY = "FlexAttention's compiled CPU path is inference-only; back
 
 # PyTorch's compiled CPU kernel (torch 2.13, AVX2) gives wrong rows, about 1 off or nan,
 # at head_dim 8 or 16 and n = 8, 24, ..., 120 (n % 16 == 8 below one 128-block). The
-# wrong rows change from call to call, and a call now and then comes out right (at n =
-# 88 to 120 about half of them), as when a kernel reads memory it never wrote: so one
-# right answer lifts nothing. Eight calls each at every n from 1 to 80 (head_dim 16 and
+# wrong rows change from call to call, and whether they come at all from process to
+# process (at n = 40, about half of fresh interpreters get every call wrong and the
+# others every call right), as when a kernel reads memory it never wrote: so a right
+# answer lifts nothing. Eight calls each at every n from 1 to 80 (head_dim 16 and
 # 32), every n % 8 == 0 to 264 (16), n % 16 == 8 to 264 (8) and n % 32 == 8 to 264
 # (24, 32, 64) found no other wrong row. Reduced to PyTorch alone:
 #
@@ -92,7 +93,7 @@ _CPU_INFERENCE_ONLY = "FlexAttention's compiled CPU path is inference-only; back
 #     got = torch.compile(flex_attention)(q, k, v, block_mask=bm)  # under no_grad
 #     i = torch.arange(40)
 #     want = torch.softmax((q @ k.mT / 4).masked_fill((i[:, None] - i).abs() > 8, float("-inf")), -1) @ v
-#     (got - want).abs().max()  # about 1 or nan in most calls, not 1e-7
+#     (got - want).abs().max()  # about 1 or nan in about half of fresh processes, not 1e-7
 _CPU_WRONG = "PyTorch's compiled CPU FlexAttention gives wrong rows at head_dim <= 16 with n in 8, 24, ..., 120"
 
 
