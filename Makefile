@@ -15,8 +15,8 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q --no-compile "$(TORCH)"
-	$(VENV)/bin/python -m pip install -q --no-compile -e ".[test]"
+	$(VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(VENV)/bin/python -m pip install -q -e ".[test]"
 	touch $@
 
 setup: $(VENV)/.installed
