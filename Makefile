@@ -25,7 +25,7 @@ bench: setup
 	$(VENV)/bin/python -m attnbench $(ARGS)
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 -m "not full" $(PYTEST_ARGS) tests
+	$(VENV)/bin/python -m pytest -q -n 3 -m "not full" $(PYTEST_ARGS) tests
 	$(VENV)/bin/python -m pytest -q --nbmake notebooks
 
 test-full: setup

@@ -43,10 +43,10 @@ class Case:
 
 
 CASES = [
-    Case("n1", 1, 2, 1, 16, Pattern(4), small=True, core=True),
-    Case("n7-w0", 1, 2, 7, 16, Pattern(0), small=True, core=True),
+    Case("n1", 1, 2, 1, 16, Pattern(4), small=True),
+    Case("n7-w0", 1, 2, 7, 16, Pattern(0), small=True),
     Case("n97-w8", 1, 2, 97, 16, Pattern(8), small=True),
-    Case("n97-w256-dense", 1, 2, 97, 16, Pattern(256), small=True, core=True),
+    Case("n97-w256-dense", 1, 2, 97, 16, Pattern(256), small=True),
     Case("n97-w10-d3", 1, 2, 97, 16, Pattern(10, 3), small=True),
     Case("n257-w16-d2-hd40", 1, 2, 257, 40, Pattern(16, 2)),
     Case("n1000-w64", 1, 2, 1000, 64, Pattern(64)),
@@ -111,10 +111,12 @@ SLOW_DTYPES = {
 
 #: the full tier (``pytest -m full``; ``make test`` leaves it out): for slow_on_cpu
 #: implementations on the CPU, the small cases beyond the core ones and low precision
-#: beyond the first case. The core cases hold every feature at least once: n = 1,
-#: window 0 and window >= n, globals at the last key, causal with dilation and globals
-#: (in every dtype), per-head dilation, one-sided windows, grouped- and multi-query
-#: heads, key masks with all of them.
+#: beyond the first case. The core cases hold every feature at least once: globals at
+#: the last key, causal with dilation and globals (in every dtype), per-head dilation,
+#: one-sided windows, grouped- and multi-query heads, key masks with all of them. The
+#: edge lengths and windows (n = 1, window 0, window >= n) are in the full tier for
+#: them; in the quick tier the random cases (test_random_cases.py) and Triton's block
+#: tests (window 0) still reach some.
 FULL = pytest.mark.full
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]

@@ -76,12 +76,12 @@ def test_a_sweep_on_slurm_merges_into_the_study(tmp_path):
 def test_a_cancelled_job_is_reported_missing_and_resumed(tmp_path):
     """One job cancelled while it runs: the others complete, the merge lists what is
     missing, and resume=true measures that alone."""
-    sweep = _sweep(tmp_path, "impl=chunked,loop", "seq_len=64,16384", background=True)
+    sweep = _sweep(tmp_path, "impl=chunked,loop", "seq_len=64,4096", background=True)
     cancelled = None
     try:
         end = time.time() + 120
         while cancelled is None and time.time() < end and sweep.poll() is None:
-            # loop at 16384 is job #3 of this sweep: <sweep dir>/.submitit/<array id>_3 once submitted
+            # loop at 4096 is job #3 of this sweep: <sweep dir>/.submitit/<array id>_3 once submitted
             mine = [p.name for p in (tmp_path / "multirun" / ".submitit").glob("*_3")]
             queue = subprocess.run(["squeue", "-h", "-o", "%i %t"], capture_output=True, text=True).stdout.split("\n")
             if mine and f"{mine[0]} R" in queue:
@@ -95,15 +95,15 @@ def test_a_cancelled_job_is_reported_missing_and_resumed(tmp_path):
     assert sweep.returncode == 1 and "CANCELLED" in err and "Traceback" not in err, err[-3000:]
     assert "resume=true" in err
     done = {(r["impl"], r["seq_len"]) for r in read_row_files(tmp_path / "results" / "sl.rows")}
-    assert done == {("chunked", "64"), ("chunked", "16384"), ("loop", "64")}
+    assert done == {("chunked", "64"), ("chunked", "4096"), ("loop", "64")}
     merged = _merge(tmp_path)
     assert "1 planned configuration(s) have no row yet" in merged.stdout, merged.stdout
-    assert "impl=loop seq_len=16384" in merged.stdout
+    assert "impl=loop seq_len=4096" in merged.stdout
 
     before = set(row_file_paths(tmp_path / "results" / "sl.rows"))
-    again = _sweep(tmp_path, "impl=chunked,loop", "seq_len=64,16384", "resume=true")
+    again = _sweep(tmp_path, "impl=chunked,loop", "seq_len=64,4096", "resume=true")
     assert again.returncode == 0, again.stderr[-3000:]
     new = set(row_file_paths(tmp_path / "results" / "sl.rows")) - before
-    assert [(r["impl"], r["seq_len"]) for p in new for r in read_rows(p)] == [("loop", "16384")]
+    assert [(r["impl"], r["seq_len"]) for p in new for r in read_rows(p)] == [("loop", "4096")]
     merged = _merge(tmp_path)
     assert "4 rows" in merged.stdout and "no row yet" not in merged.stdout, merged.stdout
