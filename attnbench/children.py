@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-__all__ = ["Worker", "Stopped", "Died", "run_pool"]
+__all__ = ["Worker", "Stopped", "Died", "run_pool", "sigint_default"]
 
 
 class Stopped(Exception):
@@ -38,6 +38,13 @@ class Stopped(Exception):
 
 class Died(Exception):
     """The child died during a call (a crash, or killed from outside)."""
+
+
+def sigint_default() -> None:
+    """A ``preexec_fn`` for a child that is to be stopped with SIGINT (Ctrl-C): it
+    handles the signal even where this process ignores it. A non-interactive shell
+    starts its background commands with SIGINT ignored, and exec keeps that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _watch(parent: int) -> None:

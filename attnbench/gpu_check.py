@@ -53,7 +53,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .children import Died, Stopped, Worker, run_pool
+from .children import Died, Stopped, Worker, run_pool, sigint_default
 from .config import BenchConfig
 from .gpu_warmup import compile_one, triton_compiles
 from .measure import calls_per_job
@@ -715,7 +715,8 @@ def run_tests(folder: Path, limit_s: float, workers: int, paths: Iterable[str] =
     log.info("  $ %s", " ".join(cmd[1:]))
     t0 = time.time()
     with open(folder / f"{name}.log", "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=sigint_default)  # fmt: skip
         stopped = False
         try:
             rc = proc.wait(timeout=max(1.0, limit_s))
