@@ -83,8 +83,8 @@ _CPU_INFERENCE_ONLY = "FlexAttention's compiled CPU path is inference-only; back
 # wrong rows change from call to call, and whether they come at all from process to
 # process (at n = 40, about half of fresh interpreters get every call wrong and the
 # others every call right), as when a kernel reads memory it never wrote: so a right
-# answer lifts nothing. Eight calls each at every n from 1 to 80 (head_dim 16 and
-# 32), every n % 8 == 0 to 264 (16), n % 16 == 8 to 264 (8) and n % 32 == 8 to 264
+# answer lifts nothing. Eight calls each at every n from 1 to 80 (head_dim 16; to 77
+# at 32), every n % 8 == 0 to 264 (16), n % 16 == 8 to 264 (8) and n % 32 == 8 to 264
 # (24, 32, 64) found no other wrong row. Reduced to PyTorch alone:
 #
 #     q, k, v = (torch.randn(1, 1, 40, 16) for _ in range(3))
