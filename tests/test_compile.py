@@ -37,6 +37,8 @@ def _cases() -> list:
     # (impls/hf_longformer.py says why); without them it is compiled, and checked here,
     # in the full tier: inductor takes a minute over Hugging Face's layer on the CPU
     out.append(pytest.param("hf_longformer", Pattern(8), id="hf_longformer-w8-compiled", marks=pytest.mark.full))
+    # loop, once per query, unrolled by dynamo: the full tier
+    out.append(pytest.param("loop", RICH, id=f"loop-{RICH.describe().replace(' ', '-')}", marks=pytest.mark.full))
     return out
 
 
