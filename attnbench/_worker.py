@@ -56,13 +56,12 @@ def main() -> None:
     signal.alarm(int(c.job_timeout_s) + 60)  # a second limit, should the parent's fail
     logging.basicConfig(level=job["log_level"], format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     from attnbench.measure import measure_here
-    from attnbench.results import base_row
+    from attnbench.results import unmeasured
 
     try:
         spawn.prepare(job["prep"])  # the parent's sys.path and folder; its script as __mp_main__
         row = measure_here(c, _impl(job["impl"], job["module"]))
     except Exception as e:  # before the measurement itself: the worker could not set up
-        row = base_row(c)
-        row["status"], row["reason"] = "error", f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
+        row = unmeasured(c, "error", "error", f"{type(e).__name__}: {e}".replace("\n", " ")[:500])
     sys.stdout.write(ROW_MARK + json.dumps(row, default=str) + "\n")
     sys.stdout.flush()

@@ -580,22 +580,21 @@ def run_id() -> str:
 
 def append(out: Path, row: dict, run: str, job_s: float | None = None) -> None:
     """One row into OUT/rows.csv (the engine's columns, then :data:`RUN_COLUMNS`)."""
-    from .results import COLUMNS
+    from .results import columns
     from .tables import append_row
 
     path = out / ROWS
     if not path.is_file() or not path.stat().st_size:
-        path.write_text(",".join([*COLUMNS, *RUN_COLUMNS]) + "\n")
+        path.write_text(",".join([*columns(), *RUN_COLUMNS]) + "\n")
     append_row(path, {**row, "run": run, "job_s": "" if job_s is None else round(job_s, 3)})
 
 
-def _unmeasured(c: BenchConfig, reason: str, status: str = "skipped") -> dict:
-    """The row of a job that gave no row of its own."""
-    from .results import base_row
+def _unmeasured(c: BenchConfig, reason: str, status: str = "skipped", kind: str = "time") -> dict:
+    """The row of a job that gave no row of its own (complete as planned: device="cuda"
+    needs no resolving)."""
+    from .results import unmeasured
 
-    row = base_row(c)  # complete as planned: device="cuda" needs no resolving
-    row["status"], row["reason"] = status, reason
-    return row
+    return unmeasured(c, status, kind, reason)
 
 
 def _series(c: BenchConfig) -> str:
@@ -643,7 +642,7 @@ def run_stage(stage: str, jobs: list[Job], run: Run, deadline: float) -> None:
         if left < 1:
             row = _unmeasured(c, f"over the time budget: gpu_check's {stage} stage ran out of time")
         elif c.impl in run.down:
-            row = _unmeasured(c, f"unavailable: the environment check failed: {run.down[c.impl]}")
+            row = _unmeasured(c, f"unavailable: the environment check failed: {run.down[c.impl]}", kind="unavailable")
         elif stopped_at is not None and stopped_at <= c.seq_len:
             # as the engine's guard does, which a killed worker's successor cannot know
             row = _unmeasured(c, f"over the time budget: already stopped at its limit at seq_len={stopped_at}")
@@ -658,7 +657,7 @@ def run_stage(stage: str, jobs: list[Job], run: Run, deadline: float) -> None:
                 row = _unmeasured(c, f"over the time budget: stopped by gpu_check after {took:.0f} s (its limit: "
                                   f"what the {stage} stage had left, at most job_timeout_s)")  # fmt: skip
             except Died as e:
-                row = _unmeasured(c, f"{e} (a crash; a new worker takes the next job)", status="error")
+                row = _unmeasured(c, f"{e} (a crash; a new worker takes the next job)", status="error", kind="error")
             job_s = time.perf_counter() - t0
             if run.worker.starts > starts:
                 log.info("  (a new worker process started for this job)")
@@ -753,15 +752,13 @@ def merge_junit(parts: Iterable[Path], out: Path) -> None:
 
 
 # ---------------------------------------------------------------------- the verdict
-#: identity columns that describe the machine, not the configuration: reported in the
-#: rows, not matched by the verdict (rows from another machine are judged as well)
-MACHINE_COLUMNS = ("device_name", "threads", "torch_version", "triton_version", "cupy_version")
-
-
 def _config_key(row: dict) -> tuple:
-    from .results import IDENTITY, normalise
+    """The identity without the machine's columns (:func:`attnbench.results.machine_columns`):
+    rows from another machine are judged as well."""
+    from .results import identity_columns, machine_columns, normalise
 
-    return tuple(normalise(k, row.get(k)) for k in IDENTITY if k not in MACHINE_COLUMNS)
+    machine = machine_columns()
+    return tuple(normalise(k, row.get(k)) for k in identity_columns() if k not in machine)
 
 
 _PLANNED: dict[tuple[str, str], tuple] = {}

@@ -18,7 +18,7 @@ Rows of the same measurement (:func:`attnbench.results.identity`: the configurat
 the kind of device and the library versions) are merged into one, the newest
 (``timestamp``); the same configuration measured on two GPU types, or with two torch
 versions, stays two rows. The table keeps the columns of
-:data:`attnbench.results.COLUMNS`, rows in time order, so plots and notebooks read it
+:data:`attnbench.results.SCHEMA`'s columns, rows in time order, so plots and notebooks read it
 unchanged. Merging is idempotent: run it again whenever more rows came in.
 """
 
@@ -37,14 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import BenchConfig
-from .results import ADDED, normalise, positions_text, window_value
+from .results import SCHEMA, config_cells, normalise, plan_columns
 from .tables import ROWS_SUFFIX, merge_into, read_rows, read_table, row_file_paths
 
 __all__ = ["merge", "find_sources", "Source", "write_plan", "missing"]
-
-#: what a plan entry says of a configuration (a value of "" or "auto" is left to the job's machine)
-PLAN_COLUMNS = ("study", "impl", "window", "dilation", "causal", "global_positions", "batch", "heads", "kv_heads",
-                "seq_len", "head_dim", "dtype", "device", "mode")  # fmt: skip
 
 
 @dataclass
@@ -64,25 +60,17 @@ def write_plan(configs: Iterable[BenchConfig]) -> list[Path]:
     import pandas as pd
 
     by_dir: dict[str, list[dict]] = {}
+    keys = plan_columns()  # what a plan entry says (a value of "" or "auto" is left to the job's machine)
     for c in configs:
-        p = c.pattern()
-        d = p.dilation
-        entry = {k: getattr(c, k) for k in ("study", "impl", "batch", "heads", "head_dim", "dtype", "device", "mode")}
-        entry.update(
-            window=window_value(p.window),
-            kv_heads=c.heads if c.kv_heads is None else c.kv_heads,
-            dilation="/".join(map(str, d)) if isinstance(d, tuple) else str(d),
-            causal=p.causal,
-            global_positions=positions_text(p.global_tokens),
-            seq_len="" if c.seq_len is None else c.seq_len,
-        )
+        cells = config_cells(c)
+        entry = {k: cells[k] for k in keys}
         by_dir.setdefault(c.results_dir, []).append(entry)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     written = []
     for results_dir, entries in by_dir.items():
         path = Path(results_dir) / "plans" / f"{stamp}-{socket.gethostname()}-{os.getpid()}.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(entries, columns=PLAN_COLUMNS).drop_duplicates().to_csv(path, index=False)
+        pd.DataFrame(entries, columns=keys).drop_duplicates().to_csv(path, index=False)
         written.append(path)
     return written
 
@@ -100,12 +88,12 @@ def _planned_for(study: str, results_dir: Path) -> list[dict]:
 
 def missing(study: str, results_dir: Path, rows: Iterable[Mapping]) -> list[dict]:
     """Plan entries of ``study`` that no row measures (on the columns the entry fixes)."""
-    keys = PLAN_COLUMNS[1:]  # all but the study
+    keys = [k for k in plan_columns() if k != "study"]
     measured = [{k: normalise(k, r.get(k)) for k in keys} for r in rows]  # normalised once
     for m in measured:
-        for col, then in ADDED.items():  # rows of a table that predates the column
-            if m.get(col) is None:
-                m[col] = then(m)
+        for col in SCHEMA:  # rows of a table that predates the column
+            if col.name in m and m[col.name] in (None, "") and callable(col.then):
+                m[col.name] = col.then(m)
     out = []
     for e in _planned_for(study, results_dir):
         fixed = {k: normalise(k, e.get(k, "")) for k in keys if str(e.get(k, "")) not in ("", "auto")}

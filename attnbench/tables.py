@@ -2,7 +2,7 @@
 merging and resume.
 
 A table is a CSV file, ``<results_dir>/<study>.csv``, one row per measurement
-(:data:`attnbench.results.COLUMNS`), every row on one line. A cluster sweep's jobs write
+(:data:`attnbench.results.SCHEMA`), every row on one line. A cluster sweep's jobs write
 a file per row into ``<results_dir>/<study>.rows/`` instead, which
 ``python -m attnbench.merge`` merges into the table. :func:`load` reads tables for
 figures and notebooks, typed, and says exactly what is wrong with a file that is not one.
@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from .config import BenchConfig
-from .results import ADDED, COLUMNS, IDENTITY, identity
+from .results import SCHEMA, columns, identity
 
 log = logging.getLogger("attnbench")
 
@@ -88,8 +88,8 @@ def check_writable(path: Path) -> None:
             raise ValueError(f"{path}: not writable; choose another results_dir= or study=")
         with open(path, newline="") as f:
             header = next(csv.reader([f.readline()]), [])
-        missing = [k for k in IDENTITY if k not in header and k not in ADDED]
-        if missing:  # newer columns are added when a row is appended; these say what was measured
+        missing = [k for k in REQUIRED if k not in header]  # columns added since are filled in on append
+        if missing:
             raise ValueError(
                 f"{path}: not a results table of this attnbench (its header lacks {missing}); "
                 "use another study= or move the file away"
@@ -137,9 +137,9 @@ def append_row(path: str | Path, row: Mapping) -> None:
             if keep < len(data):
                 f.truncate(keep)
             header = next(csv.reader([data.split(b"\n", 1)[0].decode()])) if keep else []
-            if not header or any(k not in header for k in COLUMNS):  # new, or written before a column existed
-                old = _frame(data[:keep], path)
-                header = COLUMNS + [k for k in old.columns if k not in COLUMNS]
+            if not header or any(k not in header for k in columns()):  # new, or written before a column existed
+                old = upgrade(_frame(data[:keep], path))
+                header = columns() + [k for k in old.columns if k not in columns()]
                 f.seek(0)
                 f.truncate()
                 f.write(_line(dict(zip(header, header)), header))
@@ -164,7 +164,8 @@ def write_row_file(directory: str | Path, row: Mapping) -> Path:
     tmp = directory / f".{final.name}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
-            f.write(_line(dict(zip(COLUMNS, COLUMNS)), COLUMNS) + _line(row, COLUMNS))
+            names = columns()
+            f.write(_line(dict(zip(names, names)), names) + _line(row, names))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -178,8 +179,24 @@ def write_row_file(directory: str | Path, row: Mapping) -> Path:
 def _frame(data: bytes, path: Path) -> pd.DataFrame:
     data = data[: _drop_cut_line(data, path)]
     if not data.strip():
-        return pd.DataFrame(columns=COLUMNS)
+        return pd.DataFrame(columns=columns())
     return pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+
+
+def upgrade(df: pd.DataFrame) -> pd.DataFrame:
+    """A table written by an earlier attnbench, with the columns added since: each with
+    the value it had then (:attr:`attnbench.results.Column.then`; "" for a measured one)."""
+    df = df.copy()
+    for col in SCHEMA:
+        if col.name not in df.columns:
+            df[col.name] = "" if callable(col.then) else col.then
+    for col in SCHEMA:  # derived values last: they read the others
+        if callable(col.then):
+            blank = df[col.name].astype(str).str.strip() == ""
+            if blank.any():
+                filled = [str(col.then(r)) for r in df.loc[blank].to_dict("records")]
+                df.loc[blank, col.name] = filled
+    return df
 
 
 def read_table(path: str | Path) -> pd.DataFrame:
@@ -187,7 +204,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     out. A missing file is an empty table."""
     path = Path(path)
     if not path.is_file():
-        return pd.DataFrame(columns=COLUMNS)
+        return pd.DataFrame(columns=columns())
     return _frame(path.read_bytes(), path)
 
 
@@ -233,7 +250,8 @@ def merge_into(path: Path, incoming: Iterable[Mapping]) -> tuple[int, int]:
             f.seek(0)
             before = _frame(f.read(), path)
             merged = latest(pd.concat([before, pd.DataFrame(list(incoming), dtype=object)], ignore_index=True))
-            header = COLUMNS + [c for c in merged.columns if c not in COLUMNS]
+            merged = upgrade(merged)
+            header = columns() + [c for c in merged.columns if c not in columns()]
             text = _line(dict(zip(header, header)), header)
             text += b"".join(_line(r, header) for r in merged.to_dict("records"))
             f.seek(0)
@@ -246,11 +264,11 @@ def merge_into(path: Path, incoming: Iterable[Mapping]) -> tuple[int, int]:
     return len(before), len(merged)
 
 
-def done(c: BenchConfig) -> set[tuple]:
-    """Identities already measured for ``c``'s study (in its table or its row files),
-    for ``resume``. An ``error`` row is not done: it is tried again."""
+def done(c: BenchConfig) -> dict[tuple, dict]:
+    """The measurements already in ``c``'s study (its table and its row files), for
+    ``resume``: identity -> the row. An ``error`` row is not done: it is tried again."""
     rows = read_rows(table_path(c)) + read_row_files(rows_dir(c))
-    return {identity(r) for r in rows if r.get("status") != "error"}
+    return {identity(r): r for r in rows if r.get("status") != "error"}
 
 
 # ---------------------------------------------------------------------- loading, for figures and notebooks
@@ -271,14 +289,8 @@ def report_written(prog: str, write: Callable[[], Iterable[Path]]) -> int:
     return 0
 
 
-#: what every table must have; the rest may be missing (older tables, other tools)
+#: what every table must have to be drawn; the rest may be missing (older tables, other tools)
 REQUIRED = ("impl", "seq_len", "status")
-#: numeric columns, as floats (NaN where empty)
-NUMERIC = (
-    "window_left", "window_right", "global_tokens", "batch", "heads", "kv_heads", "head_dim", "time_ms_median",
-    "time_ms_iqr", "time_ms_min", "first_call_ms", "n_timed", "peak_mem_bytes", "flops", "tflops", "max_abs_err",
-    "mean_abs_err", "threads",
-)  # fmt: skip
 
 
 def _line_numbers(bad: pd.Series) -> str:
@@ -321,22 +333,22 @@ def _load_one(path: Path) -> pd.DataFrame:
 
 
 def load(paths: str | Path | Iterable[str | Path]) -> pd.DataFrame:
-    """Results tables as one typed frame: text columns as text ("" when missing),
-    :data:`NUMERIC` as floats, ``seq_len`` as ints, ``causal`` as bools, ``status``
+    """Results tables as one typed frame, by the schema's kinds: text as text ("" when
+    missing), numbers as floats (NaN where empty), ``seq_len`` as ints, bools as bools;
+    columns added since a table was written filled in (:func:`upgrade`), ``status``
     lower-cased, ``device_name`` falling back to ``device``; one row per measurement
     (:func:`latest`). Raises :class:`ResultsError` naming the file and what is wrong."""
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not paths:
         raise ResultsError("no results files given")
-    df = pd.concat([_load_one(p) for p in paths], ignore_index=True)
-    for col in set(COLUMNS) - set(df.columns):
-        df[col] = ""
+    df = upgrade(pd.concat([_load_one(p) for p in paths], ignore_index=True))
     df["status"] = df["status"].str.strip().str.lower()
-    df["kv_heads"] = df["kv_heads"].where(df["kv_heads"].str.strip() != "", df["heads"])  # tables before GQA
-    df["seq_len"] = pd.to_numeric(df["seq_len"]).astype("int64")
-    for col in NUMERIC:
-        df[col] = pd.to_numeric(df[col], errors="coerce").astype("float64")
-    df["causal"] = df["causal"].str.strip().str.lower().isin(("true", "1"))
+    for col in SCHEMA:
+        if col.kind in ("int", "float"):
+            df[col.name] = pd.to_numeric(df[col.name], errors="coerce").astype("float64")
+        elif col.kind == "bool":
+            df[col.name] = df[col.name].astype(str).str.strip().str.lower().isin(("true", "1"))
+    df["seq_len"] = df["seq_len"].astype("int64")
     unnamed = df["device_name"] == ""
     device = df.loc[unnamed, "device"]
     df.loc[unnamed, "device_name"] = device.where(device != "", "unknown device")

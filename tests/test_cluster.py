@@ -15,7 +15,7 @@ import pytest
 from attnbench.config import BenchConfig
 from attnbench.merge import find_sources, merge
 from attnbench.merge import main as merge_main
-from attnbench.results import COLUMNS, identity
+from attnbench.results import columns, identity
 from attnbench.sweep import sweep
 from attnbench.tables import append_row, read_row_files, read_rows, row_file_paths, rows_dir, write_row_file
 
@@ -39,7 +39,7 @@ def cfg(tmp_path, **kw) -> BenchConfig:
 
 def fake_row(seq_len: int, host: str = "h0", device_name: str = "GPU A", when: str = "2030-01-01T00:00:00+00:00", **kw):
     """A complete result row without measuring anything."""
-    row = dict.fromkeys(COLUMNS, "")
+    row = dict.fromkeys(columns(), "")
     row.update(
         study="c",
         impl="chunked",
@@ -71,6 +71,19 @@ def _cli(args, cwd, module="attnbench"):
     return subprocess.run(
         [sys.executable, "-m", module, *args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300
     )
+
+
+@pytest.fixture
+def schema():
+    """Hydra knows attnbench's schema (the configs' defaults list names it), whatever ran before."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    from attnbench.__main__ import register_schema
+
+    register_schema()
+    GlobalHydra.instance().clear()
+    yield
+    GlobalHydra.instance().clear()
 
 
 def _outcomes(rows):
@@ -107,14 +120,14 @@ def test_submitit_local_sweep_matches_basic_launcher(tmp_path):
     want, got = read_rows(res / "basic.csv"), read_rows(res / "cluster.csv")
     assert _outcomes(got) == _outcomes(want) and all(r["status"] == "ok" for r in got), [r["reason"] for r in got]
     with open(res / "cluster.csv") as f:
-        assert f.readline().strip().split(",") == COLUMNS  # the table plots and notebooks read
+        assert f.readline().strip().split(",") == columns()  # the table plots and notebooks read
     assert all(r["host"] and r["device_name"] for r in got)
     # merging again changes nothing
     merge(["cluster"], results_dir=res, log=lambda *_: None)
     assert _outcomes(read_rows(res / "cluster.csv")) == _outcomes(want)
 
 
-def test_launcher_configs_compose():
+def test_launcher_configs_compose(schema):
     need_submitit()
     from hydra import compose, initialize_config_dir
 
@@ -129,7 +142,7 @@ def test_launcher_configs_compose():
         assert ln.cpus_per_task and ln.timeout_min and ln.mem_gb
 
 
-def test_slurm_launcher_renders_sbatch(tmp_path, monkeypatch):
+def test_slurm_launcher_renders_sbatch(tmp_path, monkeypatch, schema):
     """Through the launcher plugin's own code up to submission: the sbatch script it
     would submit has the GPU, partition and time settings given on the command line."""
     need_submitit()
