@@ -22,7 +22,9 @@ patterns compare and hash equal and an int window's rows keep their labels.
 
 from __future__ import annotations
 
+import bisect
 import numbers
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -258,34 +260,38 @@ class Pattern:
         return self.mask_rows(torch.arange(seq_len), seq_len, heads)
 
     def pairs(self, seq_len: int, heads: int = 1) -> int:
-        """Exact number of attended (query, key) pairs summed over ``heads`` heads,
-        without building an n x n mask (time O(n * (1 + G)), memory O(n))."""
+        """Exact number of attended (query, key) pairs summed over ``heads`` heads, by
+        arithmetic: no tensor of length n (time O(G log G) per distinct dilation for G
+        global tokens, memory O(G)), so an absurd length costs nothing to count."""
         self.validate(seq_len, heads)
-        n = seq_len
-        lo, hi = self.offset_range
-        i = torch.arange(n, dtype=torch.long)
-        glob = torch.tensor(self.global_tokens, dtype=torch.long)
-        is_g = torch.zeros(n, dtype=torch.bool)
-        is_g[glob] = True
-        # global rows: every key (j <= i when causal)
-        full = (i + 1) if self.causal else torch.full_like(i, n)
+        n, (lo, hi), glob = seq_len, self.offset_range, self.global_tokens
         total = 0
-        for d in self.dilations(heads):
-            # window keys i + d*c with 0 <= i + d*c < n, lo <= c <= hi
-            c_min = torch.clamp(torch.div(-i + d - 1, d, rounding_mode="floor"), min=lo)  # ceil(-i/d)
-            c_max = torch.clamp(torch.div(n - 1 - i, d, rounding_mode="floor"), max=hi)
-            win = (c_max - c_min + 1).clamp(min=0)  # (n,)
-            extra = torch.zeros(n, dtype=torch.long)
-            if len(glob):
-                # global keys not already in the window, in row blocks to bound memory
-                step = max(1, (1 << 22) // len(glob))
-                for s in range(0, n, step):
-                    ii = i[s : s + step].reshape(-1, 1)
-                    g = glob.reshape(1, -1)  # (1, G)
-                    allowed = ~window_rule(ii, g, d, lo, hi)  # (r, G)
-                    if self.causal:
-                        allowed &= g <= ii
-                    extra[s : s + step] = allowed.sum(1)
-            per_row = torch.where(is_g, full, win + extra)
-            total += int(per_row.sum())
+        for d, count in Counter(self.dilations(heads)).items():
+            # window offset c (key i + d*c) is inside [0, n) for max(0, n - d|c|) rows
+            per = _band(n, d, 0, hi) + _band(n, d, 1, -lo)
+            by_residue: dict[int, list[int]] = {}
+            for h in glob:  # sorted, so each list is too
+                by_residue.setdefault(h % d, []).append(h)
+            for idx, g in enumerate(glob):
+                # global row g: its window's keys are replaced by every key (j <= g when causal)
+                per -= max(0, min(hi, (n - 1 - g) // d) - max(lo, -(g // d)) + 1)
+                per += g + 1 if self.causal else n
+                # global key g: every other row whose window misses it (rows i >= g when causal)
+                rows = (n - g) - (len(glob) - idx) if self.causal else n - len(glob)
+                # rows i = g - d*c in [0, n) with c in [lo, hi] have it in their window ...
+                in_window = max(0, min(hi, g // d) - max(lo, -((n - 1 - g) // d)) + 1)
+                # ... less the global rows among them, counted above
+                same = by_residue[g % d]
+                in_window -= bisect.bisect_right(same, g - d * lo) - bisect.bisect_left(same, g - d * hi)
+                per += rows - in_window
+            total += count * per
         return total
+
+
+def _band(n: int, d: int, a: int, b: int) -> int:
+    """``sum(max(0, n - d*c) for c in range(a, b + 1))`` for ``0 <= a``, in O(1)."""
+    b = min(b, (n - 1) // d)
+    if b < a:
+        return 0
+    m = b - a + 1
+    return m * n - d * (a + b) * m // 2

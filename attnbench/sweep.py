@@ -45,7 +45,7 @@ import torch
 from .config import BenchConfig
 from .measure import calls_per_job, measure_here
 from .registry import Impl, get_impl
-from .results import base_row, identity
+from .results import base_row, identity, unmeasured
 from .tables import append_row, check_writable, done, rows_dir, table_path, write_row_file
 
 __all__ = ["measure", "sweep", "expand", "row_files_enabled", "memory_budget"]
@@ -130,58 +130,77 @@ def _estimate(c: BenchConfig, impl: Impl, n: int) -> float | None:
     return impl.estimate_memory(c.batch, c.heads, kv, n, c.head_dim, esize, c.pattern(), c.mode != "fwd")
 
 
-def _predict_time(c: BenchConfig, series: list[dict], fwd: list[dict]) -> str | None:
+def _declared_exponent(c: BenchConfig, impl: Impl, n1: int) -> float:
+    """How the implementation says its time grows from ``n1`` to ``c.seq_len``: as n^2
+    when it computes every (query, key) score (:attr:`Impl.dense`), else as the
+    pattern's pair count (about linear for a window shorter than n)."""
+    if impl.dense or c.seq_len <= n1:
+        return 2.0
+    p = c.pattern()
+    grown = p.pairs(c.seq_len, c.heads) / max(1, p.pairs(n1, c.heads))
+    return min(2.0, max(1.0, math.log(grown) / math.log(c.seq_len / n1)))
+
+
+def _predict_time(c: BenchConfig, impl: Impl, series: list[dict], fwd: list[dict]) -> tuple[str, str] | None:
     """Within one series, do not start what cannot finish: after an OOM or a time-budget
     stop at a smaller n, or when the measured times predict a job over ``job_timeout_s``.
-    With one measured point, the growth comes from the forward series of the same
-    configuration (``fwd``) where it has two: fwd_bwd grows as fwd does."""
+    The growth: from the series' two largest points; with one, from the forward series
+    of the same configuration (``fwd``) where it has two (fwd_bwd grows as fwd does),
+    else as the implementation declares (:func:`_declared_exponent`).
+    (kind, reason) of a refusal, or None."""
     for r in series:
         if int(r["seq_len"]) >= c.seq_len:
             continue
         if r["status"] == "oom":
-            return f"over the memory budget: ran out of memory at seq_len={r['seq_len']}"
-        if r["status"] == "skipped" and str(r["reason"]).startswith("over the time budget"):
-            return f"over the time budget: already over it at seq_len={r['seq_len']}"
+            return "memory", f"over the memory budget: ran out of memory at seq_len={r['seq_len']}"
+        if r["status"] == "skipped" and r.get("reason_kind") == "time":
+            return "time", f"over the time budget: already over it at seq_len={r['seq_len']}"
     pts = _ok_points(series, c.seq_len, "time_ms_median")
     if not pts:
         return None
     n1, t1 = pts[-1]
-    e = _exponent(pts, _exponent(_ok_points(fwd, c.seq_len, "time_ms_median"), 2.0, high=2.5), high=2.5)
+    declared = _declared_exponent(c, impl, n1)
+    e = _exponent(pts, _exponent(_ok_points(fwd, c.seq_len, "time_ms_median"), declared, high=2.5), high=2.5)
     per_call = t1 * (c.seq_len / n1) ** e / 1e3
     job = per_call * calls_per_job(c)
     if job > c.job_timeout_s:
-        return (
+        return "time", (
             f"over the time budget: predicted ~{job:.0f} s for this job (~{per_call:.1f} s a call, "
             f"from n={n1}, exponent {e:.1f}) > job_timeout_s={c.job_timeout_s:g}"
         )
     return None
 
 
-def guard(c: BenchConfig, impl: Impl, series: list[dict], fwd: list[dict] = ()) -> tuple[str | None, float | None]:
-    """(the reason this job must not run, or None; the memory figure the guard used).
-    ``series``: the rows measured so far in this job's series; ``fwd``: in its forward one."""
-    why = impl.unavailable_reason()
-    if why:
-        return f"unavailable: {why}", None
+def guard(
+    c: BenchConfig, impl: Impl, series: list[dict], fwd: Sequence[dict] = ()
+) -> tuple[tuple[str, str] | None, float | None]:
+    """((the kind of reason, the reason) this job must not run, or None; the memory figure
+    the guard used). ``series``: the rows measured so far in this job's series; ``fwd``:
+    in its forward one."""
+    # every reason, as the Python API lists them: missing packages, device, dtype, features
     reasons = impl.not_supported_reasons(c.pattern(), device=c.device, dtype=c.torch_dtype(), backward=c.mode != "fwd")
+    if impl.unavailable_reason():
+        return ("unavailable", "unavailable: " + "; ".join(reasons)), None
     if not reasons and impl.check is not None:
-        probe = torch.empty(c.batch, c.heads, c.seq_len, c.head_dim, dtype=c.torch_dtype(), device="meta")
+        # on the real device (its checks may depend on it), allocating one element
+        probe = torch.empty((), dtype=c.torch_dtype(), device=c.device).expand(c.batch, c.heads, c.seq_len, c.head_dim)
         reasons = impl.check(probe.requires_grad_(c.mode != "fwd"), c.pattern())
     if reasons:
-        return "unsupported: " + "; ".join(reasons), None
+        return ("unsupported", "unsupported: " + "; ".join(reasons)), None
     need, source = predict_memory(c, impl, series)
     budget = memory_budget(c)
     if need is not None and need > budget:
         return (
+            "memory",
             f"over the memory budget: needs ~{need / 2**30:.1f} GiB ({source}), budget {budget / 2**30:.1f} GiB",
-            need,
-        )
+        ), need
     if impl.interpreted_on_cpu and c.device == "cpu" and not c.allow_slow and c.seq_len > c.interpreter_max_seq:
         return (
+            "interpreter",
             f"over the time budget: Triton runs in its interpreter on the CPU; seq_len > "
-            f"{c.interpreter_max_seq} is skipped unless allow_slow=true"
+            f"{c.interpreter_max_seq} is skipped unless allow_slow=true",
         ), need
-    return _predict_time(c, series, list(fwd)), need
+    return _predict_time(c, impl, series, list(fwd)), need
 
 
 # ---------------------------------------------------------------------- isolation
@@ -244,10 +263,9 @@ def _measure_isolated(c: BenchConfig, impl: Impl) -> dict:
         rc = proc.wait(timeout=c.job_timeout_s)
     except subprocess.TimeoutExpired:
         _kill(proc)
-        row = base_row(c)
-        row["status"] = "skipped"
-        row["reason"] = f"over the time budget: stopped after job_timeout_s={c.job_timeout_s:g} s"
-        return row
+        return unmeasured(
+            c, "skipped", "time", f"over the time budget: stopped after job_timeout_s={c.job_timeout_s:g} s"
+        )
     except BaseException:  # Ctrl-C, SIGTERM, ...: the child goes too
         _kill(proc)
         raise
@@ -256,14 +274,9 @@ def _measure_isolated(c: BenchConfig, impl: Impl) -> dict:
     for line in reversed(out):
         if line.startswith(ROW_MARK):
             return json.loads(line[len(ROW_MARK) :])
-    row = base_row(c)
     if rc in (-9, 137):
-        row["status"] = "oom"
-        row["reason"] = "killed by the operating system (SIGKILL), most likely out of memory"
-    else:
-        row["status"] = "error"
-        row["reason"] = f"worker exited with code {rc}: " + " | ".join(tail)[:500]
-    return row
+        return unmeasured(c, "oom", "oom", "killed by the operating system (SIGKILL), most likely out of memory")
+    return unmeasured(c, "error", "error", f"worker exited with code {rc}: " + " | ".join(tail)[:500])
 
 
 # ---------------------------------------------------------------------- measuring
@@ -276,8 +289,7 @@ def _series_key(c: BenchConfig, mode: str | None = None) -> tuple:
 def _measure(c: BenchConfig, impl: Impl, series: list[dict], fwd: list[dict] = ()) -> dict:
     why, need = guard(c, impl, series, fwd)
     if why:
-        row = base_row(c)
-        row["status"], row["reason"] = "skipped", why
+        row = unmeasured(c, "skipped", *why)
     elif c.isolate:
         row = _measure_isolated(c, impl)
     else:
@@ -341,11 +353,7 @@ def sweep(
     for c in todo:
         _refuse_nested(c)
     if resume:
-        finished: dict[Path, set] = {}
-        before = len(todo)
-        todo = [c for c in todo if identity(base_row(c)) not in finished.setdefault(table_path(c), done(c))]
-        if before > len(todo):
-            log.info("resume: %d of %d configuration(s) already measured here, skipped", before - len(todo), before)
+        todo = _not_done(todo)
     history = HISTORY if history is None else history
     bar = None
     if progress and len(todo) > 1:
@@ -374,6 +382,30 @@ def sweep(
         if bar is not None:
             bar.close()
     return rows
+
+
+def _not_done(todo: list[BenchConfig]) -> list[BenchConfig]:
+    """``resume``: the configurations whose measurement (same configuration, device and
+    libraries) is not in their study yet; one line per study on what is skipped and
+    when and where it was measured."""
+    finished: dict[Path, dict] = {}
+    kept, found = [], collections.defaultdict(list)
+    for c in todo:
+        row = finished.setdefault(table_path(c), done(c)).get(identity(base_row(c)))
+        if row is None:
+            kept.append(c)
+        else:
+            found[table_path(c)].append(row)
+    for path, rows in found.items():
+        asked = sum(table_path(c) == path for c in todo)
+        stamps = sorted(str(r.get("timestamp") or "")[:10] for r in rows if r.get("timestamp"))
+        when = stamps[0] if stamps and stamps[0] == stamps[-1] else f"{stamps[0]} to {stamps[-1]}" if stamps else "?"
+        hosts = ", ".join(sorted({str(r.get("host") or "?") for r in rows}))
+        log.warning(
+            "resume: %d of %d jobs already in %s, measured %s on %s; skipped (run without resume=true to measure "
+            "them again)", len(rows), asked, path, when, hosts,
+        )  # fmt: skip
+    return kept
 
 
 def expand(base: BenchConfig, grid: dict[str, Sequence]) -> list[BenchConfig]:

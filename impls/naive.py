@@ -14,14 +14,18 @@ from attnbench.reference import with_key_mask
 
 
 def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backward: bool) -> float:
-    # scores (input dtype) + fp32 softmax + probabilities + bool mask; backward keeps
-    # them alive and adds the gradient of the scores.
+    # At the peak two score-sized tensors in at least fp32 are alive (the masked scores
+    # and the probabilities), plus the scores in a narrower input dtype before their
+    # cast, plus the (H, n, n) bool mask and as much again while the pattern builds it.
+    # Measured on the CPU, fp32: 10.0 bytes a (head, query, key) at n = 512 ... 8192.
+    # Backward keeps them alive and adds the gradient of the scores.
     per = B * H * n * n
-    fwd = per * (esize + 4 + 4 + esize) + H * n * n
+    wide = max(esize, 4)
+    fwd = per * (2 * wide + (esize if esize < wide else 0)) + 2 * H * n * n
     return fwd * (2.0 if backward else 1.0) + 3 * B * H * n * D * esize
 
 
-@register("naive", features=FEATURES, memory=_memory)
+@register("naive", features=FEATURES, memory=_memory, dense=True)
 def naive(
     q: torch.Tensor,
     k: torch.Tensor,

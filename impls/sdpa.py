@@ -34,7 +34,7 @@ def _memory(B: int, H: int, n: int, D: int, esize: int, pattern: Pattern, backwa
     return float(mask + scores * (2.0 if backward else 1.0) + io * (4 if backward else 1))
 
 
-@register("sdpa", features=FEATURES, memory=_memory)
+@register("sdpa", features=FEATURES, memory=_memory, dense=True)
 def sdpa(
     q: torch.Tensor,
     k: torch.Tensor,

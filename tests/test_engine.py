@@ -19,7 +19,7 @@ import attnbench
 from attnbench import Pattern
 from attnbench import measure as measure_mod
 from attnbench.config import BenchConfig
-from attnbench.results import COLUMNS, base_row, format_rows
+from attnbench.results import base_row, columns, format_rows
 from attnbench.sweep import _inputs_bytes, measure, predict_memory, sweep
 from attnbench.tables import read_rows
 from attnbench.verify import check_grads
@@ -39,7 +39,7 @@ def naive(q, k, v, p, s):
 def test_ok_row_has_every_column_and_true_flops(tmp_path):
     row = measure(cfg(tmp_path, impl="chunked", global_tokens=(0,)))
     assert row["status"] == "ok", row["reason"]
-    assert set(COLUMNS) <= set(row)
+    assert set(columns()) <= set(row)
     assert row["verified"] == "exact" and row["max_abs_err"] < 1e-4 and row["max_abs_err"] <= row["tol"]
     assert row["n_timed"] >= 2 and 0 < row["time_ms_min"] <= row["time_ms_median"]
     assert row["flops"] == 4 * 16 * Pattern(8, global_tokens=(0,)).pairs(64, 2) * 1
@@ -49,13 +49,13 @@ def test_ok_row_has_every_column_and_true_flops(tmp_path):
 def test_the_inputs_are_drawn_once_per_job(tmp_path, monkeypatch):
     """Verification, timing and memory share one set of inputs."""
     built = []
-    real = measure_mod.Case.build.__func__
+    real = measure_mod.AttentionCase.build.__func__
 
     def counting(cls, c, impl):
         built.append(c.seq_len)
         return real(cls, c, impl)
 
-    monkeypatch.setattr(measure_mod.Case, "build", classmethod(counting))
+    monkeypatch.setattr(measure_mod.AttentionCase, "build", classmethod(counting))
     row = measure(cfg(tmp_path, impl="chunked", mode="fwd_bwd"))
     assert row["status"] == "ok", row["reason"]
     assert built == [64]
@@ -75,7 +75,7 @@ def test_inputs_are_one_device_call_per_tensor(monkeypatch, mode, tensors):
 
     monkeypatch.setattr(torch, "randn", spy)
     c = cfg(None, impl="naive", mode=mode).resolved()
-    case = measure_mod.Case.build(c, attnbench.get_impl("naive"))
+    case = measure_mod.AttentionCase.build(c, attnbench.get_impl("naive"))
     assert calls == [(torch.device("cpu"), torch.device("cpu"))] * tensors
     assert (case.dout is None) == (mode == "fwd")
 
@@ -145,7 +145,7 @@ def test_the_gradient_gate_at_its_boundary(tmp_path, throwaway, dtype):
     delta = {"dq": None}
     throwaway("nudged_grad", lambda q, k, v, p, s: naive(Nudge.apply(q, delta["dq"]), k, v, p, s))
     c = cfg(tmp_path, impl="nudged_grad", dtype=dtype, mode="fwd_bwd")
-    case = measure_mod.Case.build(c.resolved(), attnbench.get_impl("naive"))  # the inputs the gate sees
+    case = measure_mod.AttentionCase.build(c.resolved(), attnbench.get_impl("naive"))  # the inputs the gate sees
     delta["dq"] = torch.zeros(case.q.shape, dtype=torch.float64)
     tol = check_grads(lambda *x: naive(*x, case.pattern, case.scale), case.q, case.k, case.v, case.pattern,
                       case.dout, case.scale)[0].tol  # fmt: skip
@@ -460,8 +460,27 @@ def test_a_fwd_bwd_series_grows_as_its_forward_series_does(tmp_path):
     c = cfg(tmp_path, impl="chunked", seq_len=4096, mode="fwd_bwd", job_timeout_s=30, warmup=0, min_reps=1).resolved()
     own = [dict(status="ok", seq_len=1024, time_ms_median=1000.0)]
     fwd = [dict(status="ok", seq_len=n, time_ms_median=t) for n, t in ((1024, 300.0), (2048, 600.0))]
-    assert _predict_time(c, own, fwd) is None  # 4 s a call, 5 calls: 20 s
-    assert "exponent 2.0" in _predict_time(c, own, [])  # 16 s a call without the forward's growth
+    chunked, naive = attnbench.get_impl("chunked"), attnbench.get_impl("naive")
+    slow_fwd = [dict(status="ok", seq_len=n, time_ms_median=t) for n, t in ((1024, 300.0), (2048, 1200.0))]
+    assert _predict_time(c, chunked, own, fwd) is None  # 4 s a call, 5 calls: 20 s
+    kind, why = _predict_time(c, chunked, own, slow_fwd)  # the forward's growth wins over the declared one
+    assert kind == "time" and "exponent 2.0" in why, why
+    # without a forward series, the implementation's declared growth: linear for chunked ...
+    assert _predict_time(c, chunked, own, []) is None
+    # ... quadratic for a dense implementation (16 s a call)
+    kind, why = _predict_time(dataclasses.replace(c, impl="naive"), naive, own, [])
+    assert kind == "time" and "exponent 2.0" in why, why
     # a model's series and the attention call's are different series
     assert _series_key(c) != _series_key(dataclasses.replace(c, model_layers=2))
     assert _series_key(c, "fwd") == _series_key(dataclasses.replace(c, mode="fwd"))
+
+
+def test_the_naive_memory_estimate_is_close_to_its_measured_peak(tmp_path):
+    """The guard's estimate for naive is within 1.3x of what the call really allocates
+    (it was 1.7x, and skipped sizes the machine could run)."""
+    row = measure(
+        cfg(tmp_path, impl="naive", seq_len=1024, heads=12, window=64, warmup=0, min_reps=1, max_reps=1, isolate="true")
+    )  # a fresh process, as a sweep measures it
+    assert row["status"] == "ok", row["reason"]
+    ratio = row["mem_estimate_bytes"] / row["peak_mem_bytes"]
+    assert 0.9 < ratio < 1.3, (row["mem_estimate_bytes"], row["peak_mem_bytes"])

@@ -180,3 +180,16 @@ def test_mask_rows_matches_mask():
     full = p.mask(50, heads=2)
     rows = torch.tensor([0, 2, 17, 40, 49])
     assert torch.equal(p.mask_rows(rows, 50, heads=2), full[:, rows])
+
+
+def test_pairs_of_an_absurd_length_is_arithmetic():
+    """The pair count is arithmetic, so the work of a length no machine could run is
+    counted at once and in constant memory (the guards then refuse it)."""
+    import time
+
+    t = time.perf_counter()
+    n, p = 10**12, Pattern(512, global_tokens=list(range(64)))
+    got = p.pairs(n, heads=12)
+    window_only = 12 * (n * 513 - 2 * sum(range(1, 257)))  # each offset c reaches n - |c| rows
+    assert window_only < got < window_only + 12 * 2 * 64 * n, got
+    assert time.perf_counter() - t < 1.0
