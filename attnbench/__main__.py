@@ -1,17 +1,26 @@
-"""Command line: ``python -m attnbench [key=value ...] [-m]`` (Hydra).
+"""Command line: ``python -m attnbench [key=value ...] [-m]`` (Hydra), and
+``python -m attnbench describe`` (the implementations, :mod:`attnbench.catalog`).
 
-The settings are the dataclass :class:`attnbench.config.RunConfig`, Hydra's structured
-config; ``conf/config.yaml`` (shipped as ``attnbench.conf``) gives their defaults.
+The settings and their defaults are the dataclass :class:`attnbench.config.RunConfig`,
+Hydra's structured config; ``conf/config.yaml`` (shipped as ``attnbench.conf``) holds
+only Hydra's own settings and the ``--help`` text, which lists the settings from it.
 Before Hydra runs anything, every job the command line describes (each combination of
 a ``-m`` sweep, each point of an internal ``sweep=`` grid) is composed and validated,
 and every results folder checked: a bad setting is one line naming the setting, the
 value and what is allowed, exit status 2, and nothing is written. Then Hydra runs the
 jobs (with its basic launcher, or a submitit one for SLURM) and each hands its
-configurations to :func:`attnbench.sweep.sweep`.
+configurations to :func:`attnbench.sweep.sweep`, prints its rows and draws the figure
+its ``figure`` setting names from the study's table (:func:`attnbench.plot.write_figure`).
+
+Exit status 1: a row of the run is ``wrong`` or ``error``; the table is printed and the
+figure drawn first, then one line names those rows (``skipped`` and ``oom`` rows are
+results: status 0). In a ``-m`` sweep each job prints its line, every job runs, and the
+command exits 1 at the end.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -71,7 +80,7 @@ def build_configs(d: dict, here: bool = True) -> tuple[list[BenchConfig], bool, 
             skipped = sorted(set(list_impls()) - set(grid["impl"]))
             if skipped:
                 log.info(
-                    "impl=all on %s: %s not available here (python -m attnbench.describe says why)", device, skipped
+                    "impl=all on %s: %s not available here (python -m attnbench describe says why)", device, skipped
                 )
     configs = expand(base, grid)
     for c in configs:
@@ -107,7 +116,6 @@ def precheck(argv: list[str], planned: list[BenchConfig] | None = None) -> str |
     The configurations of jobs that write row files (a submitit launcher) are added to
     ``planned``."""
     from hydra import compose, initialize_config_module
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -128,7 +136,7 @@ def precheck(argv: list[str], planned: list[BenchConfig] | None = None) -> str |
                 if v not in allowed and not (group == "experiment" and v == "null"):
                     return f"{group}={v!r}: unknown; choose one of: {', '.join(allowed)}"
     multirun = "-m" in argv or "--multirun" in argv
-    jobs = BasicSweeper.split_arguments(parsed, None)[0] if multirun else [overrides]
+    jobs = _jobs(parsed) if multirun else [overrides]
     register_schema()
     GlobalHydra.instance().clear()
     with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
@@ -155,6 +163,17 @@ def precheck(argv: list[str], planned: list[BenchConfig] | None = None) -> str |
                         return str(e)
     GlobalHydra.instance().clear()
     return None
+
+
+def _jobs(parsed: list) -> list[list[str]]:
+    """The jobs of a ``-m`` command line, as Hydra's basic sweeper forms them: the
+    cartesian product of every sweep override's values, in command-line order."""
+    choices = []
+    for o in parsed:
+        key = o.get_key_element()
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.get_value_element_as_str()]
+        choices.append([f"{key}={v}" for v in values])
+    return [list(job) for job in itertools.product(*choices)]
 
 
 def _container(cfg) -> dict:
@@ -186,7 +205,7 @@ def _row_files_setting(value: object, job: list[str] | None = None) -> object:
 def _task(cfg) -> None:
     from .results import format_rows
     from .sweep import row_files_enabled, sweep
-    from .tables import latest, read_table, rows_dir, table_path
+    from .tables import ResultsError, rows_dir, table_path
 
     try:
         configs, resume, row_files = build_configs(_container(cfg))
@@ -197,23 +216,26 @@ def _task(cfg) -> None:
     rows = sweep(configs, resume=resume, row_files=use_files)
     if rows:
         print(format_rows(rows))
-    if rows and not use_files:  # figures of the study's table (a resumed run's rows join the earlier ones)
-        table = table_path(configs[0])
-        study = latest(read_table(table)).to_dict("records")
-        if any(r.get("model") for r in rows):  # inside a model and alone: how much reaches it
-            from .model import write_model_figure
+    if rows and not use_files:  # the figure of the study's table (a resumed run's rows join the earlier ones)
+        from .plot import write_figure
 
-            figure = write_model_figure(study, table)
-            if figure:
-                print(f"figure: {figure}")
-        profiled = [r for r in study if r.get("profile")]
-        if any(r.get("profile") for r in rows) and len({r["impl"] for r in profiled}) > 1:  # their breakdown
-            from .profile import write_breakdown
-
-            for p in write_breakdown(profiled, table) or ():
-                print(f"breakdown: {p}")
+        try:
+            for p in write_figure(configs[0].figure, table_path(configs[0])):
+                print(f"figure: {p}")
+        except ResultsError as e:
+            print(f"figure: not drawn: {' '.join(str(e).split())}")
     for p in sorted({str(rows_dir(c) if use_files else table_path(c)) for c in configs}):
         print(f"rows: {p}/ (into the table: python -m attnbench.merge {p})" if use_files else f"results: {p}")
+    failed = [r for r in rows if r.get("status") in ("wrong", "error")]  # skipped and oom rows are results
+    if failed:
+        which = "; ".join(f"{r['impl']} n={r['seq_len']} {r['dtype']} {r['mode']}" + (" in the model" if r.get("model")
+                          else "") + f": {r['status']}" for r in failed)  # fmt: skip
+        print(f"attnbench: {len(failed)} of {len(rows)} rows failed: {which}", file=sys.stderr)
+        _FAILED.extend(failed)  # the exit status, once every job of a -m sweep has run
+
+
+#: the wrong and error rows of this command's jobs: exit status 1 at the end
+_FAILED: list[dict] = []
 
 
 def _normalise(arg: str) -> str:
@@ -227,11 +249,24 @@ def _normalise(arg: str) -> str:
     return re.sub(r"^\+?(sweep\.\w+=)", r"++\1", arg)
 
 
+_KEPT = "the rows measured so far are in the results table"
+
+
 def _stop(signum, frame) -> None:
+    print(f"\nattnbench: stopped ({signal.Signals(signum).name}); {_KEPT}", file=sys.stderr)
     raise SystemExit(128 + signum)  # unwinds: the measuring child is stopped too
 
 
 def main() -> None:
+    signal.signal(signal.SIGTERM, _stop)
+    if sys.argv[1:2] == ["describe"]:  # the implementations and what runs here, not a measurement
+        if sys.argv[2:]:
+            print(f"attnbench: describe: unexpected argument {sys.argv[2]!r}; it takes none", file=sys.stderr)
+            raise SystemExit(2)
+        from .catalog import table
+
+        print(table())
+        return
     argv = [_normalise(a) for a in sys.argv[1:]]
     try:
         import hydra  # noqa: F401
@@ -255,12 +290,13 @@ def main() -> None:
             for path in write_plan(planned):
                 print(f"plan: {path} ({len(planned)} configurations; python -m attnbench.merge lists what is missing)")
     sys.argv[1:] = argv
-    signal.signal(signal.SIGTERM, _stop)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # a launcher's errors reach main(), to be worded here
     try:
         hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(_task)()
+        if _FAILED:
+            raise SystemExit(1)
     except KeyboardInterrupt:
-        print("\nattnbench: interrupted; the rows measured so far are in the results table", file=sys.stderr)
+        print(f"\nattnbench: interrupted; {_KEPT}", file=sys.stderr)
         raise SystemExit(130) from None
     except Exception as e:
         if type(e).__name__ != "UncompletedJobError":  # submitit's: a job ended without a result

@@ -3,9 +3,10 @@
     case -> first call -> verify -> time -> memory -> (profile) -> row
 
 given a resolved :class:`~attnbench.config.BenchConfig` and the resolved
-:class:`~attnbench.registry.Impl`. The inputs are drawn once, on the device, and every
-step uses them. The guards (should this run at all?) and the process isolation live in
-:mod:`attnbench.sweep`; this module never decides to skip.
+:class:`~attnbench.registry.Impl`. The case (:class:`~attnbench.case.Case`: the
+attention call alone, or a whole model of :mod:`attnbench.model`) draws the inputs once,
+on the device, and every step uses them. The guards (should this run at all?) and the
+process isolation live in :mod:`attnbench.sweep`; this module never decides to skip.
 
 1. **first call**: one forward call, timed alone (compilation and autotuning land
    here); the implementation's :meth:`~attnbench.registry.Impl.last_call` says what
@@ -40,7 +41,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .case import Case, Wrong, runner_for
 from .config import BenchConfig
+from .model import ModelCase
 from .pattern import Pattern
 from .profile import profile_call, profile_dir
 from .reference import default_scale
@@ -48,22 +51,14 @@ from .registry import Impl, UnsupportedError
 from .results import base_row
 from .verify import check_grads, check_output, sample_rows
 
-__all__ = ["Case", "Wrong", "measure_here", "status_of", "runner_for", "time_fn"]
+__all__ = ["AttentionCase", "case_for", "measure_here", "status_of", "time_fn"]
 
 log = logging.getLogger("attnbench")
 
 
-class Wrong(Exception):
-    """The implementation's answer failed verification; ``fields`` go into the row."""
-
-    def __init__(self, msg: str, fields: dict):
-        super().__init__(msg)
-        self.fields = fields
-
-
 @dataclass
-class Case:
-    """The inputs of one measurement, drawn once, and the call."""
+class AttentionCase:
+    """The attention call alone: its inputs, drawn once, and the call (a :class:`Case`)."""
 
     config: BenchConfig
     impl: Impl
@@ -75,7 +70,7 @@ class Case:
     scale: float
 
     @classmethod
-    def build(cls, c: BenchConfig, impl: Impl) -> Case:
+    def build(cls, c: BenchConfig, impl: Impl) -> AttentionCase:
         """Seeded normal inputs drawn on the device, one generator call per tensor."""
         dev = torch.device(c.device)
         gen = torch.Generator(device=dev).manual_seed(c.seed)
@@ -113,23 +108,10 @@ class Case:
         return runner_for(self.config.mode, self.forward, self.dout, [self.q, self.k, self.v])
 
 
-def runner_for(
-    mode: str, forward: Callable[[], torch.Tensor], cotangent: torch.Tensor | None, leaves: list[torch.Tensor]
-) -> tuple[Callable[[], object], list[torch.Tensor]]:
-    """(the timed call, the tensors whose ``.grad`` is cleared before each call) of
-    ``forward`` in ``mode``: fwd without autograd; fwd_bwd the forward and the backward
-    of ``cotangent``; bwd the backward alone, its forward graph built here, untimed."""
-    if mode == "fwd":
-
-        def fwd():
-            with torch.no_grad():
-                return forward()
-
-        return fwd, []
-    if mode == "fwd_bwd":
-        return (lambda: forward().backward(cotangent)), leaves
-    out = forward()
-    return (lambda: out.backward(cotangent, retain_graph=True)), leaves
+def case_for(c: BenchConfig, impl: Impl) -> Case:
+    """The case of a resolved configuration: inside a model (``model_layers``) or the
+    attention call alone."""
+    return (ModelCase if c.model_layers else AttentionCase).build(c, impl)
 
 
 # ---------------------------------------------------------------------- steps
@@ -157,7 +139,7 @@ def first_call(case: Case) -> tuple[torch.Tensor, dict]:
     return out, fields
 
 
-def verify(case: Case, out: torch.Tensor) -> dict:
+def verify(case: AttentionCase, out: torch.Tensor) -> dict:
     """``out`` against the reference (every row, or sampled rows), then the gradients in
     the bwd modes. Returns the row's verification fields; raises :class:`Wrong`."""
     c = case.config
@@ -180,7 +162,7 @@ def verify(case: Case, out: torch.Tensor) -> dict:
     return fields
 
 
-def _verify_grads(case: Case, rows: list[int] | None, fields: dict) -> None:
+def _verify_grads(case: AttentionCase, rows: list[int] | None, fields: dict) -> None:
     """The gradients at the measured size: every entry, or those the sampled ``rows``
     reach (one more forward and backward of the implementation); into ``fields``."""
     p = case.pattern
@@ -317,16 +299,16 @@ def peak_memory(case: Case) -> dict:
 
 
 # ---------------------------------------------------------------------- the pipeline
-def status_of(e: BaseException) -> tuple[str, str]:
-    """(status, reason) of a failed measurement: an allocation that failed (on a GPU or
-    the CPU) is ``oom``, so a series stops there; anything else is ``error``."""
+def status_of(e: BaseException) -> tuple[str, str, str]:
+    """(status, kind of reason, reason) of a failed measurement: an allocation that failed
+    (on a GPU or the CPU) is ``oom``, so a series stops there; anything else is ``error``."""
     if isinstance(e, UnsupportedError):
-        return "skipped", "unsupported: " + "; ".join(e.reasons)
+        return "skipped", "unsupported", "unsupported: " + "; ".join(e.reasons)
     msg = f"{type(e).__name__}: {e}".replace("\n", " ")[:500]
-    low = msg.lower()
+    low = msg.lower()  # the allocator's own words: PyTorch raises a RuntimeError for some
     if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in low or "allocate memory" in low:
-        return "oom", msg
-    return "error", msg
+        return "oom", "oom", msg
+    return "error", "error", msg
 
 
 def measure_here(c: BenchConfig, impl: Impl) -> dict:
@@ -340,12 +322,7 @@ def measure_here(c: BenchConfig, impl: Impl) -> dict:
         torch.set_num_threads(c.threads)
     torch.manual_seed(c.seed)
     try:
-        if c.model_layers:  # inside a model (attnbench.model)
-            from .model import ModelCase
-
-            case = ModelCase.build(c, impl)
-        else:
-            case = Case.build(c, impl)
+        case = case_for(c, impl)
         log.info("%s: first call", label)
         out, fields = first_call(case)
         row.update(fields)
@@ -373,9 +350,9 @@ def measure_here(c: BenchConfig, impl: Impl) -> dict:
         row["status"] = "ok"
     except Wrong as e:
         row.update(e.fields)
-        row["status"], row["reason"] = "wrong", str(e)
+        row["status"], row["reason_kind"], row["reason"] = "wrong", "wrong", str(e)
     except Exception as e:  # one failure is one row
-        row["status"], row["reason"] = status_of(e)
+        row["status"], row["reason_kind"], row["reason"] = status_of(e)
         if row["status"] == "error":
             log.warning("%s: %s", label, traceback.format_exc(limit=6).rstrip())
     log.info("%s: %s", label, row["status"])

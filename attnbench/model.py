@@ -32,16 +32,15 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import pandas as pd
 import torch
 from torch import nn
 
+from .case import Wrong, runner_for
 from .config import MODELS, BenchConfig
 from .registry import Impl
 
-__all__ = ["ModelCase", "Family", "FAMILIES", "encoder", "write_model_figure"]
+__all__ = ["ModelCase", "Family", "FAMILIES", "encoder", "baseline_of"]
 
 #: the backend name the models measured here register their implementation under
 BACKEND = "attnbench-measured"
@@ -149,7 +148,8 @@ def _inputs(c: BenchConfig, n: int, device: torch.device) -> dict:
 
 @dataclass
 class ModelCase:
-    """One measurement of the model: the model, its inputs drawn once, the call."""
+    """One measurement of the model: the model, its inputs drawn once, the call (a
+    :class:`~attnbench.case.Case`)."""
 
     config: BenchConfig
     impl: Impl
@@ -181,14 +181,11 @@ class ModelCase:
     def runner(self):
         """(the timed call, the tensors whose gradient is cleared before each) for the
         mode; the backward computes the gradient of every parameter."""
-        from .measure import runner_for
-
         return runner_for(self.config.mode, self.forward, self.cotangent, list(self.model.parameters()))
 
     def verify(self, out: torch.Tensor) -> dict:
         """The model against its baseline on the first grad_check_seq_len tokens (same
         weights), under the verification policy."""
-        from .measure import Wrong
         from .verify import judge
 
         c = self.config
@@ -215,63 +212,7 @@ class ModelCase:
         return fields
 
 
-# ---------------------------------------------------------------------- the figure
-def write_model_figure(rows: list[dict], table_path: Path) -> Path | None:
-    """``<study>.png`` beside the table: for each mode, at the largest n where both were
-    measured, each implementation's speed-up over the model's baseline (hf_longformer,
-    or sdpa) for the attention call alone and for the whole model (how much of the
-    kernel's gain reaches the model)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import FuncFormatter
-
-    from .plot import impl_color, impl_order
-
-    df = pd.DataFrame(rows)
-    df = df[df["status"] == "ok"].copy()
-    if df.empty or not (df["model"] != "").any() or not (df["model"] == "").any():
-        return None
-    df["time"] = pd.to_numeric(df["time_ms_median"])
-    df["n"] = pd.to_numeric(df["seq_len"])
-    df["where"] = df["model"].map(lambda m: "model" if m else "attention")
-    modes = [m for m in ("fwd", "fwd_bwd") if m in set(df["mode"])]
-    fig = Figure(figsize=(6.2 * len(modes), 4.2), dpi=110)
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(modes), squeeze=False)[0]
-    for ax, mode in zip(axes, modes):
-        sub = df[df["mode"] == mode]
-        baseline = _baseline_of(next(m for m in df["model"] if m))
-        base = sub[sub["impl"] == baseline].set_index(["where", "n"])["time"]
-        both = [n for n in sorted(set(sub["n"])) if ("attention", n) in base.index and ("model", n) in base.index]
-        if not both:
-            continue
-        n = both[-1]
-        impls = [i for i in impl_order(sub["impl"]) if i != baseline]
-        for x, impl in enumerate(impls):
-            for dx, where, hatch in ((-0.2, "attention", ""), (0.2, "model", "//")):
-                t = sub[(sub["impl"] == impl) & (sub["where"] == where) & (sub["n"] == n)]["time"]
-                if t.empty:
-                    continue
-                speedup = base[(where, n)] / t.iloc[0]
-                ax.bar(x + dx, speedup, 0.38, color=impl_color(impl), hatch=hatch, edgecolor="white")
-                ax.text(x + dx, speedup, f"{speedup:.2g}", ha="center", va="bottom", fontsize=7)
-        ax.axhline(1.0, color="#444444", lw=0.8)
-        ax.set_yscale("log")
-        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-            axis(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_xticks(range(len(impls)), impls, rotation=20)
-        ax.set_ylabel(f"speed-up over {baseline} (log)")
-        ax.set_title(f"{mode}, n = {n}: attention alone (plain) and whole model (hatched)", fontsize=9)
-    model = next(m for m in df["model"] if m)
-    r = rows[0]
-    fig.suptitle(f"{model}; {r.get('device_name')}, {r.get('dtype')}", fontsize=9)
-    fig.tight_layout()
-    path = table_path.with_suffix(".png")
-    fig.savefig(path)
-    return path
-
-
-def _baseline_of(label: str) -> str:
+def baseline_of(label: str) -> str:
     """The baseline of a row's ``model`` label (``<family label>, <L> layers``)."""
     family = next(f for f, lab in MODELS.items() if label.startswith(lab))
     return FAMILIES[family].baseline

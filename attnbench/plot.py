@@ -1,7 +1,14 @@
-"""Figures of results tables: time and peak memory against sequence length (the
-Longformer paper's Figure 1, on the machine at hand), and ratios against a baseline.
+"""Every figure of results tables: time and peak memory against sequence length (the
+Longformer paper's Figure 1, on the machine at hand), ratios against a baseline, a
+kernel's gain inside a model, and where the time goes.
 
     python -m attnbench.plot results/scaling-cpu.csv --baseline naive
+    python -m attnbench.plot results/breakdown-cpu.csv --figure breakdown   # any figure, again
+
+A run draws the figure its ``figure`` setting names (:data:`FIGURE_WRITERS`, through
+:func:`write_figure`) from the study's table at its end: ``scaling``, ``model``,
+``breakdown``, ``none``, or ``auto`` (:func:`auto_figure`: model when the study has
+rows inside a model, breakdown when it has profiled rows of several implementations).
 
 Tables are read by :func:`attnbench.tables.load` (typed, one row per measurement).
 *Scaling* (:func:`scaling_figures`): median time and peak memory against n, log-log,
@@ -12,7 +19,15 @@ stay visible. The legend gives each line's fitted exponents and, where it stops,
 per dtype, mode and shape; one row of panels per device; one figure per pattern with
 more than :data:`MAX_PATTERNS_PER_FIGURE`.
 *Ratios* (:func:`ratio_figure`): speed-up and memory ratio over a baseline, where both
-were measured. Figures use matplotlib's Agg backend and never open a window.
+were measured.
+*Model* (:func:`model_figure`): at the largest n where the model's baseline was measured
+alone and inside the model, each implementation's speed-up over it for the attention
+call alone and for the whole model; a note names the implementations without a bar and why.
+*Breakdown* (:func:`breakdown_figure`): each implementation's profiled call, its time
+by category (:func:`attnbench.profile.breakdown`) stacked to 100%, and its peak memory.
+A row that is not ``ok`` is named by :func:`short_reason`, from its ``status`` and
+``reason_kind`` (never the words of its ``reason``). Figures use matplotlib's Agg
+backend and never open a window.
 """
 
 from __future__ import annotations
@@ -20,7 +35,8 @@ from __future__ import annotations
 import argparse
 import math
 import re
-from collections.abc import Iterable, Sequence
+import textwrap
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +44,19 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
 
+from .config import FIGURES, MODES, setting_error
+from .model import baseline_of
+from .profile import CATEGORIES, breakdown
 from .registry import list_impls
 from .tables import ResultsError, load, report_written
 
 __all__ = ["PALETTE", "MAX_PATTERNS_PER_FIGURE", "ResultsError", "load_results", "filter_results", "fit_exponent",
-           "impl_color", "impl_order", "short_reason", "pivot_results", "ratio_table", "scaling_figures",
-           "ratio_figure", "plot_scaling", "plot_ratios", "main"]  # fmt: skip
+           "impl_color", "impl_order", "REASON_WORDS", "short_reason", "pivot_results", "ratio_table",
+           "scaling_figures", "ratio_figure", "model_figure", "breakdown_figure", "plot_scaling", "plot_ratios",
+           "write_model_figure", "write_breakdown", "FIGURE_WRITERS", "auto_figure", "write_figure", "main",
+]  # fmt: skip
 
 #: colours, colour-blind-friendly first; implementations take them in the registry's order
 PALETTE: tuple[str, ...] = (
@@ -103,23 +125,26 @@ def impl_color(impl: str, others: Iterable[str] = ()) -> str:
     return PALETTE[order.index(impl) % len(PALETTE)]
 
 
-def short_reason(status: str, reason: str = "") -> str:
-    """A few words for a row that is not ``ok``: OOM, skipped: memory budget, ..."""
-    status, reason = str(status).lower(), str(reason).lower()
-    if status == "oom":
-        return "OOM"
-    if status == "wrong":
-        return "wrong result"
-    if status == "error":
-        return "error"
-    if "unsupported" in reason:
-        return "unsupported"
-    if "unavailable" in reason:
-        return "unavailable"
-    for what in ("memory budget", "time budget"):
-        if what in reason:
-            return f"skipped: {what}"
-    return status or "?"
+#: a few words for each ``reason_kind`` of a row that is not ok (and for its status,
+#: where a table predates reason_kind)
+REASON_WORDS = {
+    "unsupported": "unsupported", "unavailable": "unavailable", "memory": "skipped: memory budget",
+    "time": "skipped: time budget", "interpreter": "skipped: interpreter", "oom": "OOM", "wrong": "wrong result",
+    "error": "error",
+}  # fmt: skip
+
+
+def short_reason(status: str, reason_kind: str = "") -> str:
+    """A few words for a row that is not ``ok``: OOM, skipped: memory budget, ... From
+    ``status`` and ``reason_kind`` alone; a row without a reason_kind (an older table)
+    shows its status."""
+    kind, status = str(reason_kind or "").strip().lower(), str(status or "").strip().lower()
+    return REASON_WORDS.get(kind) or REASON_WORDS.get(status) or status or "?"
+
+
+def _row_reason(row) -> str:
+    """:func:`short_reason` of a row (a mapping or a frame's row)."""
+    return short_reason(row["status"], row.get("reason_kind", ""))
 
 
 def _fmt_n(n: float) -> str:
@@ -136,23 +161,23 @@ def _pattern_order(patterns: Iterable[str]) -> list[str]:
 
 
 def _explain_patterns(patterns: Iterable[str]) -> str:
-    """What the pattern labels' parts mean, for the ones shown."""
+    """What the parts of the pattern labels given mean (pass only the ones drawn)."""
     words = {w for p in patterns for w in p.split()}
+    causal = "causal" in words
     parts = []
-    ints = sorted(int(w[1:]) for w in words if re.fullmatch(r"w\d+", w))
-    if ints:
-        w = ints[-1]
-        parts.append(f"w{w} = window {w} ({w // 2} keys each side, or the {w} before when causal)")
-    pairs = sorted(w for w in words if re.fullmatch(r"w\[\d+,\d+\]", w))
-    if pairs:
-        left, right = pairs[-1][2:-1].split(",")
-        parts.append(f"{pairs[-1]} = {left} keys before each query, {right} after")
-    if any(re.fullmatch(r"d[\d/]+", w) for w in words):
-        parts.append("d2 = dilation 2 (per head: 1/2/...)")
-    if "causal" in words:
+    for w in sorted(int(w[1:]) for w in words if re.fullmatch(r"w\d+", w)):
+        parts.append(f"w{w} = window {w} ({w // 2} keys each side" + (f", or the {w} before when causal)" if causal
+                                                                       else ")"))  # fmt: skip
+    for pair in sorted(w for w in words if re.fullmatch(r"w\[\d+,\d+\]", w)):
+        left, right = pair[2:-1].split(",")
+        parts.append(f"{pair} = {left} keys before each query, {right} after")
+    for d in sorted(w for w in words if re.fullmatch(r"d[\d/]+", w)):
+        parts.append(f"{d} = dilation {d[1:]}" + (" (per head)" if "/" in d else ""))
+    if causal:
         parts.append("causal = the window's keys to the left")
-    if any(re.fullmatch(r"g\d+", w) for w in words):
-        parts.append("g1 = 1 global token (attends to and is attended by every token)")
+    for g in sorted((w for w in words if re.fullmatch(r"g\d+", w)), key=lambda g: int(g[1:])):
+        k = int(g[1:])
+        parts.append(f"{g} = {k} global token{'s' if k > 1 else ''} (attending to and attended by every token)")
     return "; ".join(parts)
 
 
@@ -167,7 +192,7 @@ class _Line:
         self.mem = ok["peak_mem_bytes"].to_numpy()
         after = rows[(rows["status"] != "ok") & (rows["seq_len"] > (self.n.max() if len(self.n) else 0))]
         first = after.iloc[0] if len(after) else None
-        self.stop = None if first is None else (int(first["seq_len"]), short_reason(first["status"], first["reason"]))
+        self.stop = None if first is None else (int(first["seq_len"]), _row_reason(first))
 
 
 def _analyse(rows: pd.DataFrame) -> _Line:
@@ -176,8 +201,7 @@ def _analyse(rows: pd.DataFrame) -> _Line:
 
 def pivot_results(df: pd.DataFrame, column: str = "time_ms_median", scale: float = 1.0) -> pd.DataFrame:
     """Implementations x sequence lengths: ``column / scale`` where ok, else the reason."""
-    cells = df.assign(cell=[r[column] / scale if r["status"] == "ok" else short_reason(r["status"], r["reason"])
-                            for _, r in df.iterrows()])  # fmt: skip
+    cells = df.assign(cell=[r[column] / scale if r["status"] == "ok" else _row_reason(r) for _, r in df.iterrows()])
     table = cells.pivot_table(index="impl", columns="seq_len", values="cell", aggfunc="last")
     return table.reindex(impl_order(table.index))
 
@@ -235,7 +259,7 @@ def _scaling_figure(sub: pd.DataFrame, title: str, dpi: int) -> Figure:
     fig = Figure(figsize=(11, 3.9 * len(devices) + 0.5 + bottom_in), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(devices), 2, squeeze=False, sharex=True)
-    handles, dropped = {}, []
+    handles, dropped, drawn, fitted = {}, [], set(), False
     for row, device in zip(axes, devices):
         for col, (ax, what, scale, unit) in enumerate(((row[0], "time", 1.0, "median time per call (ms)"),
                                                        (row[1], "mem", 2**20, "peak memory (MiB)"))):  # fmt: skip
@@ -256,13 +280,16 @@ def _scaling_figure(sub: pd.DataFrame, title: str, dpi: int) -> Figure:
                     color = impl_color(impl, impls)
                     style = dict(color=color, ls=ls, marker=marker, ms=4, lw=1.5, mfc=color if filled else "white")
                     ax.plot(line.n[good], vals[good], **style)
+                    drawn.add(pattern)
                     if line.stop:
                         ax.plot(line.n[good][-1], vals[good][-1], marker="X", ms=9, color=color, mec="white", zorder=4)
                     xs += list(line.n[good])
                     ys += list(vals[good])
                     if col == 0 and (impl, pattern) not in handles:
                         t, m = _fit_larger_half(line.n, line.time), _fit_larger_half(line.n, line.mem)
-                        label = f"{impl} {pattern}: time n^{t:.1f}" + (f", memory n^{m:.1f}" if m == m else "")
+                        fits = [f"{k} n^{x:.1f}" for k, x in (("time", t), ("memory", m)) if x == x]  # one n: none
+                        label = f"{impl} {pattern}" + (": " + ", ".join(fits) if fits else "")
+                        fitted |= bool(fits)
                         if line.stop:
                             label += f"; stops: {line.stop[1]} at {_fmt_n(line.stop[0])}"
                         handles[(impl, pattern)] = Line2D([], [], label=label, **style)
@@ -275,10 +302,11 @@ def _scaling_figure(sub: pd.DataFrame, title: str, dpi: int) -> Figure:
             ax.set_title(f"{device}: {'time' if what == 'time' else 'peak memory'}", fontsize=9)
     stop = Line2D([], [], ls="none", marker="X", ms=8, color="#555555", mec="white", label="last ok point of a line")
     height = fig.get_figheight()
-    title_ = "implementation pattern: fitted exponents n^x (over the larger half of each line's n)"
+    title_ = "implementation pattern" + (": fitted exponents n^x (over the larger half of each line's n)" if fitted
+                                         else "")  # fmt: skip
     fig.legend(handles=[*handles.values(), stop], loc="upper center", ncol=2, fontsize=7.5, frameon=False,
                bbox_to_anchor=(0.5, (bottom_in - 0.15) / height), title=title_)  # fmt: skip
-    notes = [_explain_patterns(patterns)] + (["no ok point: " + "; ".join(dropped)] if dropped else [])
+    notes = [_explain_patterns(drawn)] + (["no ok point: " + "; ".join(dropped)] if dropped else [])
     fig.text(0.01, 0.008, "\n".join(n for n in notes if n), fontsize=7.5, color="#555555", va="bottom")
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.07, right=0.98, top=1 - 0.62 / height, bottom=(bottom_in + 0.5) / height, wspace=0.22,
@@ -335,8 +363,112 @@ def ratio_figure(df: pd.DataFrame, baseline: str, *, dpi: int = 110) -> Figure:
         if stop:
             ax.set_title(f"{baseline} stops at {_fmt_n(stop[0])}: {stop[1]}", fontsize=8.5)
     axes[1].legend(fontsize=7.5, frameon=False, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.suptitle(f"Against {baseline} ({_shape(df)}); {_explain_patterns(patterns)}", fontsize=8.5)
+    fig.suptitle(f"Against {baseline} ({_shape(df)}); {_explain_patterns(table['pattern'])}", fontsize=8.5)
     fig.subplots_adjust(left=0.07, right=0.78, wspace=0.3, top=0.85, bottom=0.14)
+    return fig
+
+
+def model_figure(df: pd.DataFrame, *, dpi: int = 110) -> Figure | None:
+    """For each mode, at the largest n where the model's baseline (hf_longformer, or
+    sdpa) was measured both alone and inside the model, each implementation's speed-up
+    over it for the attention call alone (plain) and for the whole model (hatched): how
+    much of the kernel's gain reaches the model. A note under each panel names the
+    implementations without a bar and why. None unless ``df`` (a loaded table) has ok
+    rows both inside a model and alone."""
+    df = df.assign(where=np.where(df["model"].astype(str) != "", "model", "attention"))
+    ok = df[df["status"] == "ok"]
+    if set(ok["where"]) != {"attention", "model"}:
+        return None
+    model = next(m for m in df["model"] if m)
+    baseline = baseline_of(model)
+    modes = [m for m in MODES if m in set(df["mode"])]
+    fig = Figure(figsize=(6.2 * len(modes), 4.8), dpi=dpi)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(modes), squeeze=False)[0]
+    for ax, mode in zip(axes, modes):
+        sub = df[df["mode"] == mode]
+        base = ok[(ok["mode"] == mode) & (ok["impl"] == baseline)].set_index(["where", "seq_len"])["time_ms_median"]
+        both = [n for n in sorted(set(sub["seq_len"])) if ("attention", n) in base.index and ("model", n) in base.index]
+        if not both:
+            ax.text(0.5, 0.5, f"{mode}: no n where {baseline} was measured\nboth alone and inside the model",
+                    ha="center", va="center", transform=ax.transAxes, color="#777777")  # fmt: skip
+            ax.set_axis_off()
+            continue
+        n = both[-1]
+        impls = [i for i in impl_order(sub["impl"]) if i != baseline]
+        missing = []
+        for x, impl in enumerate(impls):
+            why = {}
+            for dx, where, hatch in ((-0.2, "attention", ""), (0.2, "model", "//")):
+                r = sub[(sub["impl"] == impl) & (sub["where"] == where) & (sub["seq_len"] == n)]
+                if r.empty or r.iloc[-1]["status"] != "ok":
+                    why[where] = _row_reason(r.iloc[-1]) if len(r) else "not measured"
+                    continue
+                speedup = base[(where, n)] / r.iloc[-1]["time_ms_median"]
+                ax.bar(x + dx, speedup, 0.38, color=impl_color(impl), hatch=hatch, edgecolor="white")
+                ax.text(x + dx, speedup, f"{speedup:.2g}", ha="center", va="bottom", fontsize=7)
+            if len(set(why.values())) == 1 and len(why) == 2:  # no bar at all, for one reason
+                missing.append(f"{impl}: {why['attention']}")
+            elif why:
+                missing.append(f"{impl} ({', '.join(f'{w}: {r}' for w, r in why.items())})")
+        ax.axhline(1.0, color="#444444", lw=0.8)
+        ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xticks(range(len(impls)), impls, rotation=20)
+        ax.set_ylabel(f"speed-up over {baseline} (log)")
+        ax.set_title(f"{mode}, n = {n}: attention alone (plain) and whole model (hatched)", fontsize=9)
+        if missing:
+            note = textwrap.fill("no bar: " + "; ".join(missing), 80)
+            ax.text(0.0, -0.22, note, transform=ax.transAxes, va="top", fontsize=7, color="#555555")
+    r = df.iloc[0]
+    fig.suptitle(f"{model}; {r['device_name']}, {r['dtype']}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+#: colours of the breakdown's categories
+_CATEGORY_COLORS = dict(zip(CATEGORIES, ("#9a9a9a", "#CC79A7", "#0072B2", "#E69F00", "#009E73", "#56B4E9", "#D9D9D9")))
+assert len(_CATEGORY_COLORS) == len(CATEGORIES)
+
+
+def breakdown_figure(table: pd.DataFrame, title: str, *, dpi: int = 110) -> Figure:
+    """A bar per implementation (and pattern) of where its time goes, as shares of its
+    profiled call stacked to 100% and labelled with the call's time, and its peak memory
+    beside it; ``table`` is :func:`attnbench.profile.breakdown`'s."""
+    keys = table[["impl", "pattern"]].drop_duplicates()
+    order = impl_order(keys["impl"])
+    keys = sorted(map(tuple, keys.to_numpy()), key=lambda k: (order.index(k[0]), len(k[1]), k[1]), reverse=True)
+    fig = Figure(figsize=(11, 0.45 * len(keys) + 1.8), dpi=dpi)
+    FigureCanvasAgg(fig)
+    ax, mem_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]}, sharey=True)
+    for y, (impl, pattern) in enumerate(keys):
+        sub = table[(table["impl"] == impl) & (table["pattern"] == pattern)].set_index("category")
+        left = 0.0
+        for cat, color in _CATEGORY_COLORS.items():
+            share = float(sub["percent"].get(cat, 0.0))
+            ax.barh(y, share, left=left, color=color, label=cat if y == 0 else None, edgecolor="white", lw=0.4)
+            if share >= 8:
+                ax.text(left + share / 2, y, f"{share:.0f}", ha="center", va="center", fontsize=7, color="white")
+            left += share
+        ax.text(101, y, f"{sub['ms'].sum():.0f} ms", va="center", fontsize=8)
+        peak = pd.to_numeric(sub["peak_mem_bytes"], errors="coerce").iloc[0] if len(sub) else float("nan")
+        mem_ax.barh(y, peak / 2**20, color="#555555")
+        if peak == peak:
+            mem_ax.text(peak / 2**20, y, f" {peak / 2**20:.0f}", va="center", fontsize=8)
+    ax.set_yticks(range(len(keys)), [f"{i}  {p}" for i, p in keys])
+    ax.set_xlim(0, 112)
+    ax.set_xticks(range(0, 101, 20))
+    ax.set_xlabel("share of the profiled call's time (%), by category; its total on the right")
+    mem_ax.set_xscale("log")
+    mem_ax.set_xlabel("peak memory (MiB, log)")
+    ax.legend(
+        loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.2 / max(len(keys), 1)), ncol=4, fontsize=8, frameon=False
+    )
+    ax.grid(True, axis="x", color="#e6e6e6")
+    mem_ax.grid(True, axis="x", color="#e6e6e6")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return fig
 
 
@@ -360,10 +492,79 @@ def plot_ratios(df: pd.DataFrame, baseline: str, out: str | Path, *, dpi: int = 
     return out
 
 
+def write_model_figure(df: pd.DataFrame, table: Path, *, dpi: int = 110) -> list[Path]:
+    """``<study>.png`` beside the table: :func:`model_figure`."""
+    fig = model_figure(df, dpi=dpi)
+    if fig is None:
+        raise ResultsError(f"{table}: no ok rows both inside a model and alone (measure with model_layers=0 and L)")
+    path = Path(table).with_suffix(".png")
+    fig.savefig(path)
+    return [path]
+
+
+def write_breakdown(df: pd.DataFrame, table: Path, *, dpi: int = 110) -> list[Path]:
+    """``<study>-breakdown.csv`` (:func:`attnbench.profile.breakdown`) and ``.png``
+    (:func:`breakdown_figure`) beside the table, from its profiled rows."""
+    table = Path(table)
+    rows = [r for r in df.to_dict("records") if r.get("profile")]
+    parts = breakdown(rows)
+    if parts.empty:
+        raise ResultsError(f"{table}: no profiled rows (measure with profile=true)")
+    csv_path = table.with_name(f"{table.stem}-breakdown.csv")
+    parts.to_csv(csv_path, index=False, float_format="%.4g")
+    r = rows[0]
+    title = f"Where the time goes: {r['device_name']}, {r['dtype']}, n = {r['seq_len']}, {r['mode']}"
+    png = table.with_name(f"{table.stem}-breakdown.png")
+    breakdown_figure(parts, title, dpi=dpi).savefig(png)
+    return [csv_path, png]
+
+
+def _write_scaling(df: pd.DataFrame, table: Path, *, dpi: int = 110) -> list[Path]:
+    """``<study>.png`` beside the table (several: ``<study>-<slug>.png``): :func:`plot_scaling`."""
+    return plot_scaling(df, Path(table).with_suffix(".png"), dpi=dpi)
+
+
+#: the figures a run draws by name (the ``figure`` setting): ``writer(loaded table, its path) -> files``
+FIGURE_WRITERS: dict[str, Callable[..., list[Path]]] = {
+    "scaling": _write_scaling,
+    "model": write_model_figure,
+    "breakdown": write_breakdown,
+}
+assert set(FIGURE_WRITERS) | {"auto", "none"} == set(FIGURES)
+
+
+def auto_figure(df: pd.DataFrame) -> str:
+    """The figure ``figure=auto`` draws for a loaded table: ``model`` when it has rows
+    inside a model, ``breakdown`` when it has profiled rows of several implementations,
+    else ``none``."""
+    if (df["model"].astype(str) != "").any():
+        return "model"
+    if df.loc[df["profile"].astype(str) != "", "impl"].nunique() > 1:
+        return "breakdown"
+    return "none"
+
+
+def write_figure(name: str, table: str | Path, *, dpi: int = 110) -> list[Path]:
+    """Draw the figure ``name`` (one of :data:`attnbench.config.FIGURES`) of the table at
+    ``table`` beside it; the files written ([] for ``none``). Raises
+    :class:`ResultsError` when the table cannot give that figure."""
+    if setting_error("figure", name):
+        raise ValueError(setting_error("figure", name))
+    if name == "none":
+        return []
+    df = load(table)
+    name = auto_figure(df) if name == "auto" else name
+    return [] if name == "none" else FIGURE_WRITERS[name](df, Path(table), dpi=dpi)
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m attnbench.plot", description="Time and peak memory against sequence "
-                                 "length from results tables, and ratios against a baseline.")  # fmt: skip
+    ap = argparse.ArgumentParser(prog="python -m attnbench.plot", description="Figures from results tables: time and "
+                                 "peak memory against sequence length (and ratios against a baseline), or a study's "
+                                 "other figure (--figure).")  # fmt: skip
     ap.add_argument("results", nargs="+", type=Path, help="results CSV file(s) the benchmark wrote")
+    ap.add_argument("--figure", default="scaling", choices=list(FIGURE_WRITERS),
+                    help="which figure: scaling (the default, with the options below), or model or breakdown, each "
+                         "drawn beside its table as the study's run draws it")  # fmt: skip
     ap.add_argument("--out", type=Path, help="figure path (default: beside the first table, .png)")
     ap.add_argument("--baseline", help="also draw ratios against this implementation (<out>-vs-<baseline>.png)")
     for opt in ("pattern", "mode", "dtype", "impl"):
@@ -375,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     out = a.out or a.results[0].with_suffix(".png")
 
     def draw() -> list[Path]:
+        if a.figure != "scaling":
+            return [p for table in a.results for p in write_figure(a.figure, table, dpi=a.dpi)]
         df = filter_results(load(a.results), patterns=a.pattern, modes=a.mode, dtypes=a.dtype, impls=a.impl,
                             device=a.device)  # fmt: skip
         if a.baseline:

@@ -21,12 +21,14 @@ outside operators (the call's own time outside every operator: Python, launches,
 returning large buffers to the system), other.
 
     python -m attnbench experiment=breakdown                 # profile every implementation, draw the breakdown
-    python -m attnbench.profile results/breakdown-cpu.csv    # draw it again from the table
+    python -m attnbench.plot results/breakdown-cpu.csv --figure breakdown   # draw it again
+
+The breakdown's figure is drawn by :mod:`attnbench.plot` (``figure=breakdown``), from
+the table :func:`breakdown` computes.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import hashlib
@@ -46,7 +48,7 @@ import torch
 
 log = logging.getLogger("attnbench")
 
-__all__ = ["CATEGORIES", "RULES", "category", "profile_call", "profile_dir", "breakdown", "draw_breakdown"]
+__all__ = ["CATEGORIES", "RULES", "category", "profile_call", "profile_dir", "breakdown"]
 
 #: the call's own time outside every operator (the record_function around it)
 CALL = "attnbench::call"
@@ -255,88 +257,3 @@ def breakdown(rows: Iterable[Mapping]) -> pd.DataFrame:
             out.append({**{k: r.get(k) for k in ("impl", "pattern", "dtype", "mode", "seq_len", "peak_mem_bytes")},
                         "category": cat, "ms": ms, "percent": 100 * ms / total if total else 0.0})  # fmt: skip
     return pd.DataFrame(out)
-
-
-#: colours of the categories, in CATEGORIES order
-_CATEGORY_COLORS = ("#9a9a9a", "#CC79A7", "#0072B2", "#E69F00", "#009E73", "#56B4E9", "#D9D9D9")
-
-
-def draw_breakdown(table: pd.DataFrame, path: Path, title: str) -> Path:
-    """A bar per implementation (and pattern) of where its time goes, as shares of its
-    profiled call stacked to 100% and labelled with the call's time, and its peak memory
-    beside it."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from .plot import impl_order
-
-    keys = table[["impl", "pattern"]].drop_duplicates()
-    order = impl_order(keys["impl"])
-    keys = sorted(map(tuple, keys.to_numpy()), key=lambda k: (order.index(k[0]), len(k[1]), k[1]), reverse=True)
-    fig = Figure(figsize=(11, 0.45 * len(keys) + 1.8), dpi=110)
-    FigureCanvasAgg(fig)
-    ax, mem_ax = fig.subplots(1, 2, gridspec_kw={"width_ratios": [3, 1]}, sharey=True)
-    for y, (impl, pattern) in enumerate(keys):
-        sub = table[(table["impl"] == impl) & (table["pattern"] == pattern)].set_index("category")
-        left = 0.0
-        for cat, color in zip(CATEGORIES, _CATEGORY_COLORS):
-            share = float(sub["percent"].get(cat, 0.0))
-            ax.barh(y, share, left=left, color=color, label=cat if y == 0 else None, edgecolor="white", lw=0.4)
-            if share >= 8:
-                ax.text(left + share / 2, y, f"{share:.0f}", ha="center", va="center", fontsize=7, color="white")
-            left += share
-        ax.text(101, y, f"{sub['ms'].sum():.0f} ms", va="center", fontsize=8)
-        peak = pd.to_numeric(sub["peak_mem_bytes"], errors="coerce").iloc[0] if len(sub) else float("nan")
-        mem_ax.barh(y, peak / 2**20, color="#555555")
-        if peak == peak:
-            mem_ax.text(peak / 2**20, y, f" {peak / 2**20:.0f}", va="center", fontsize=8)
-    ax.set_yticks(range(len(keys)), [f"{i}  {p}" for i, p in keys])
-    ax.set_xlim(0, 112)
-    ax.set_xticks(range(0, 101, 20))
-    ax.set_xlabel("share of the profiled call's time (%), by category; its total on the right")
-    mem_ax.set_xscale("log")
-    mem_ax.set_xlabel("peak memory (MiB, log)")
-    ax.legend(
-        loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.2 / max(len(keys), 1)), ncol=4, fontsize=8, frameon=False
-    )
-    ax.grid(True, axis="x", color="#e6e6e6")
-    mem_ax.grid(True, axis="x", color="#e6e6e6")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
-def write_breakdown(rows: list[Mapping], table_path: Path) -> tuple[Path, Path] | None:
-    """``<study>-breakdown.csv`` and ``.png`` beside the study table, from its profiled rows."""
-    table = breakdown(rows)
-    if table.empty:
-        return None
-    csv_path = table_path.with_name(f"{table_path.stem}-breakdown.csv")
-    table.to_csv(csv_path, index=False, float_format="%.4g")
-    r = rows[0]
-    title = f"Where the time goes: {r.get('device_name')}, {r.get('dtype')}, n = {r.get('seq_len')}, {r.get('mode')}"
-    return csv_path, draw_breakdown(table, table_path.with_name(f"{table_path.stem}-breakdown.png"), title)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m attnbench.profile", description="Draw the time breakdown of a "
-                                 "study's profiled rows: <study>-breakdown.csv and .png beside its table.")  # fmt: skip
-    ap.add_argument("table", type=Path, help="a results table with a profile column (e.g. results/breakdown-cpu.csv)")
-    a = ap.parse_args(argv)
-    from .tables import ResultsError, latest, read_table, report_written
-
-    def draw() -> tuple[Path, Path]:
-        if not a.table.is_file():
-            raise ResultsError(f"{a.table}: no such table")
-        rows = latest(read_table(a.table)).to_dict("records")
-        written = write_breakdown([r for r in rows if r.get("profile")], a.table)
-        if written is None:
-            raise ResultsError(f"{a.table}: no profiled rows (measure with profile=true)")
-        return written
-
-    return report_written("attnbench.profile", draw)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

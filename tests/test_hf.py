@@ -274,19 +274,16 @@ def test_a_wrong_implementation_inside_the_model_is_caught(tmp_path, throwaway):
     assert row["status"] == "wrong" and "model output, n=64" in row["reason"]
 
 
-def test_model_figure_sets_model_beside_attention_speed_ups(tmp_path):
-    from attnbench.model import write_model_figure
-
-    rows = []
-    for impl, attention_ms, model_ms in (("hf_longformer", 10.0, 40.0), ("chunked", 5.0, 35.0), ("flex", 2.0, 31.0)):
-        for model, ms in (("", attention_ms), ("longformer-base-shaped, 2 layers", model_ms)):
-            rows.append(dict(impl=impl, model=model, mode="fwd", seq_len="1024", status="ok", time_ms_median=ms,
-                             device_name="a CPU", dtype="fp32"))  # fmt: skip
-    path = write_model_figure(rows, tmp_path / "m.csv")
-    assert path == tmp_path / "m.png" and path.read_bytes()[:4] == b"\x89PNG"
-    assert write_model_figure([r for r in rows if r["model"]], tmp_path / "m.csv") is None  # nothing to set beside
-
-
 def test_transformers_stays_optional():
     code = "import attnbench\ntry:\n    import attnbench.hf\nexcept ImportError as e:\n    print(e)\n"
     assert "pip install 'attnbench[hf]'" in run_fresh(code, blocked=("transformers",))
+
+
+def test_an_unknown_implementation_is_refused_when_patching():
+    """At patch (and register) time, with the registry's names; the model is left as it was."""
+    model = longformer()
+    with pytest.raises(ValueError, match=r"impl='nonexistent': unknown implementation; choose one of: .*chunked"):
+        hf.patch(model, impl="nonexistent")
+    assert all(type(layer) is LongformerSelfAttention for layer in hf.patched_layers(model))
+    with pytest.raises(ValueError, match=r"impl='nonexistent': unknown implementation"):
+        hf.register(impl="nonexistent")

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.text import Text
 
 from attnbench import plot
 from attnbench.plot import ResultsError, fit_exponent, load_results, plot_ratios, plot_scaling
@@ -25,11 +26,11 @@ def _synthetic_rows() -> list[dict[str, object]]:
     for pattern, g in (("w512", 0), ("w512 g1", 1)):
         for impl, t_exp, m_exp in (("naive", 2.0, 2.0), ("chunked", 1.0, 1.0)):
             for n in LENGTHS:
-                status, reason = "ok", ""
+                status, kind, reason = "ok", "", ""
                 if impl == "naive" and n == 4096:
-                    status, reason = "oom", "CUDA out of memory"
+                    status, kind, reason = "oom", "oom", "CUDA out of memory"
                 elif impl == "naive" and n > 4096:
-                    status, reason = "skipped", "over the memory budget: needs ~38.2 GiB, budget 14.0 GiB"
+                    status, kind, reason = "skipped", "memory", "over the memory budget: needs ~38.2 GiB, budget 14 GiB"
                 ok = status == "ok"
                 rows.append(
                     {
@@ -49,6 +50,7 @@ def _synthetic_rows() -> list[dict[str, object]]:
                         "device_name": "Test GPU",
                         "mode": "fwd",
                         "status": status,
+                        "reason_kind": kind,
                         "reason": reason,
                         "time_ms_median": 1e-6 * n**t_exp * (1 + g) if ok else np.nan,
                         "peak_mem_bytes": 64.0 * n**m_exp if ok else np.nan,
@@ -122,15 +124,127 @@ def test_stop_point_and_reasons(results_csv: Path) -> None:
     line = plot._analyse(naive)
     assert line.stop == (4096, "OOM")
     assert list(line.n) == [512, 1024, 2048]
-    assert plot.short_reason("skipped", "over the memory budget: needs ~38.2 GiB") == "skipped: memory budget"
-    assert plot.short_reason("skipped", "over the time budget: ...") == "skipped: time budget"
-    assert plot.short_reason("skipped", "unsupported: feature 'dilation' not supported") == "unsupported"
+    assert plot.short_reason("skipped", "memory") == "skipped: memory budget"
+    assert plot.short_reason("skipped", "time") == "skipped: time budget"
+    assert plot.short_reason("skipped", "unsupported") == "unsupported"
     assert plot.short_reason("wrong", "") == "wrong result"
     pivot = plot.pivot_results(plot.filter_results(df, patterns=["w512"]))
     assert list(pivot.index) == ["chunked", "naive"]  # the registry's order
     assert pivot.loc["naive", 4096] == "OOM"
     assert pivot.loc["naive", 8192] == "skipped: memory budget"
     assert pivot.loc["chunked", 8192] == pytest.approx(1e-6 * 8192, rel=1e-3)
+
+
+def test_reasons_come_from_status_and_reason_kind_only(tmp_path: Path) -> None:
+    """The reason's words are never read: a row's kind names it, and a row of an older
+    table, without a kind, shows its status."""
+    from attnbench.results import REASON_KINDS
+
+    assert plot.short_reason("skipped", "memory") == "skipped: memory budget"
+    assert plot.short_reason("skipped", "") == "skipped"  # not guessed from any text
+    assert plot.short_reason("oom", "") == "OOM"
+    for kind in REASON_KINDS:  # every kind has its words
+        assert plot.short_reason("skipped", kind) == plot.REASON_WORDS[kind]
+    rows = pd.DataFrame(_synthetic_rows())
+    naive = (rows["impl"] == "naive") & (rows["pattern"] == "w512")
+    rows.loc[naive & (rows["seq_len"] == 8192), "reason"] = "unsupported: and unavailable, in words only"
+    rows.loc[naive & (rows["seq_len"] == 8192), "reason_kind"] = "time"
+    rows.loc[naive & (rows["seq_len"] == 4096), "reason_kind"] = ""  # an older table's oom row
+    rows.loc[naive & (rows["seq_len"] == 4096), "status"] = "skipped"
+    path = tmp_path / "r.csv"
+    rows.to_csv(path, index=False)
+    pivot = plot.pivot_results(plot.filter_results(load_results(path), patterns=["w512"]))
+    assert pivot.loc["naive", 8192] == "skipped: time budget"
+    assert pivot.loc["naive", 4096] == "skipped"
+    assert plot._analyse(load_results(path).query("impl == 'naive' and pattern == 'w512'")).stop == (4096, "skipped")
+
+
+def _texts(fig) -> list[str]:
+    """Every text a figure shows: titles, labels, legend entries, notes."""
+    return [t.get_text() for t in fig.findobj(Text) if t.get_text()]
+
+
+def test_one_length_shows_no_exponent(tmp_path: Path) -> None:
+    rows = pd.DataFrame(_synthetic_rows())
+    path = tmp_path / "one.csv"
+    rows[rows["seq_len"] == 1024].to_csv(path, index=False)
+    ((_, fig),) = plot.scaling_figures(load_results(path))
+    texts = _texts(fig)
+    assert not any("nan" in t for t in texts), texts
+    assert "chunked w512" in texts and not any("n^" in t for t in texts), texts
+    many = tmp_path / "many.csv"
+    rows.to_csv(many, index=False)
+    ((_, fig),) = plot.scaling_figures(load_results(many))
+    assert "chunked w512: time n^1.0, memory n^1.0" in _texts(fig)
+
+
+def test_the_footnote_describes_only_what_is_drawn(tmp_path: Path) -> None:
+    """w512's rows have no ok point: its line is not drawn, and the footnote explains w16 alone."""
+    rows = pd.DataFrame(_synthetic_rows())
+    rows = rows[rows["pattern"] == "w512"]
+    small = rows.assign(pattern="w16", window=16)
+    rows = rows.assign(status="skipped", reason_kind="memory", time_ms_median=np.nan, peak_mem_bytes=np.nan)
+    path = tmp_path / "w.csv"
+    pd.concat([small, rows]).to_csv(path, index=False)
+    ((_, fig),) = plot.scaling_figures(load_results(path))
+    (footnote,) = [t.get_text() for t in fig.texts if t.get_text() != fig.get_suptitle()]
+    explained, missing = footnote.splitlines()
+    assert explained == "w16 = window 16 (8 keys each side)", footnote
+    assert missing == "no ok point: chunked w512: skipped: memory budget; naive w512: skipped: memory budget"
+
+
+def _model_rows() -> list[dict[str, object]]:
+    """hf_longformer (the baseline) and chunked alone and inside a 2-layer model; flex
+    unsupported inside it; triton not measured inside it, skipped alone."""
+    rows = []
+    label = "longformer-base-shaped, 2 layers"
+    for impl, attention_ms, model_ms in (("hf_longformer", 10.0, 40.0), ("chunked", 5.0, 35.0), ("flex", 2.0, None),
+                                         ("triton", None, "absent")):  # fmt: skip
+        for model, ms in (("", attention_ms), (label, model_ms)):
+            if ms == "absent":
+                continue
+            row = dict(impl=impl, model=model, mode="fwd", seq_len=1024, status="ok", reason_kind="",
+                       time_ms_median=ms, device_name="a CPU", dtype="fp32", pattern="w512 g1")  # fmt: skip
+            if ms is None:
+                kind = "unsupported" if impl == "flex" else "memory"
+                row.update(status="skipped", reason_kind=kind, reason=f"{kind}: in words", time_ms_median=None)
+            rows.append(row)
+    return rows
+
+
+def test_model_figure_sets_model_beside_attention_speed_ups(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    pd.DataFrame(_model_rows()).to_csv(path, index=False)
+    assert plot.write_figure("model", path) == [tmp_path / "m.png"]
+    _assert_png(tmp_path / "m.png")
+    fig = plot.model_figure(load_results(path))
+    texts = _texts(fig)
+    assert {"2", "1.1", "5"} <= set(texts), texts  # chunked alone 10/5 and inside 40/35; flex alone 10/2
+    inside_only = tmp_path / "inside.csv"
+    pd.DataFrame([r for r in _model_rows() if r["model"]]).to_csv(inside_only, index=False)
+    with pytest.raises(ResultsError, match="no ok rows both inside a model and alone"):
+        plot.write_figure("model", inside_only)  # nothing to set beside
+
+
+def test_model_figure_says_which_implementations_have_no_bar(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    pd.DataFrame(_model_rows()).to_csv(path, index=False)
+    (ax,) = plot.model_figure(load_results(path)).axes
+    notes = " ".join(t.get_text() for t in ax.texts if t.get_text().startswith("no bar")).replace("\n", " ")
+    assert notes == "no bar: flex (model: unsupported); triton (attention: skipped: memory budget, model: not measured)"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["chunked", "flex", "triton"]
+
+
+def test_a_run_asks_for_its_figure_by_name(results_csv: Path) -> None:
+    assert plot.write_figure("none", results_csv) == []
+    assert plot.write_figure("auto", results_csv) == []  # no model rows, nothing profiled
+    (png,) = plot.write_figure("scaling", results_csv, dpi=60)
+    assert png == results_csv.with_suffix(".png")
+    _assert_png(png)
+    with pytest.raises(ResultsError, match="no profiled rows"):
+        plot.write_figure("breakdown", results_csv)
+    with pytest.raises(ValueError, match=r"figure='bars': unknown; choose one of: auto, none, scaling, model"):
+        plot.write_figure("bars", results_csv)
 
 
 def test_impl_colors_follow_the_registry() -> None:

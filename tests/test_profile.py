@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -12,8 +14,10 @@ import torch
 
 import attnbench
 from attnbench.config import BenchConfig
-from attnbench.profile import CATEGORIES, _cuda_timeline, category, write_breakdown
+from attnbench.plot import write_figure
+from attnbench.profile import CATEGORIES, _cuda_timeline, category
 from attnbench.sweep import measure
+from attnbench.tables import append_row
 
 TINY = dict(window=8, heads=2, head_dim=16, device="cpu", time_budget_s=0.05, min_reps=2, max_reps=4, isolate=False)
 
@@ -80,13 +84,31 @@ def test_no_timed_call_runs_under_the_profiler(tmp_path, throwaway):
 
 
 def test_breakdown_of_several_implementations(tmp_path):
-    rows = [measure(cfg(tmp_path, impl=i, seq_len=128)) for i in ("naive", "chunked")]
-    csv_path, png = write_breakdown(rows, tmp_path / "p.csv")
+    """Profiled rows of two implementations in a table: figure=auto draws their breakdown."""
+    for impl in ("naive", "chunked"):
+        append_row(tmp_path / "p.csv", measure(cfg(tmp_path, impl=impl, seq_len=128)))
+    csv_path, png = write_figure("auto", tmp_path / "p.csv")
+    assert csv_path == tmp_path / "p-breakdown.csv"
     table = pd.read_csv(csv_path)
     assert set(table["impl"]) == {"naive", "chunked"} and set(table["category"]) == set(CATEGORIES)
     for _, sub in table.groupby("impl"):
         assert sub["percent"].sum() == pytest.approx(100, abs=0.5)
     assert png.name == "p-breakdown.png" and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_breakdown_command_line(tmp_path):
+    """python -m attnbench.plot TABLE --figure breakdown draws the breakdown again; a
+    table without profiled rows is one line and status 2."""
+    append_row(tmp_path / "p.csv", measure(cfg(tmp_path, impl="chunked", seq_len=64)))
+    append_row(tmp_path / "q.csv", measure(cfg(tmp_path, impl="chunked", seq_len=64, profile=False)))
+    run = [sys.executable, "-m", "attnbench.plot", "--figure", "breakdown"]
+    r = subprocess.run([*run, str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(tmp_path / "p-breakdown.csv"), str(tmp_path / "p-breakdown.png")]
+    r = subprocess.run([*run, str(tmp_path / "q.csv")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().endswith("no profiled rows (measure with profile=true)"), r.stderr
+    r = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "python -m attnbench.plot" in r.stdout and "breakdown" in r.stdout
 
 
 def test_cuda_memory_timeline_from_a_snapshot():
