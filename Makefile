@@ -1,7 +1,8 @@
 # Two commands on a fresh machine:
 #   make bench     set up .venv and run the main job (python -m attnbench; ARGS="..." to override)
 #   make test      set up .venv and run the test suite's quick tier (what CI runs;
-#                  make test-full runs all of it)
+#                  make test-full runs all of it). PYTEST_ARGS narrows either to what it
+#                  names, without the notebook: make test PYTEST_ARGS="tests/test_pattern.py -k x"
 # TORCH pins the torch build: torch==2.13.0 is the CPU build where one is on disk;
 # on a CUDA machine use the torch you have (make TORCH=torch) or install it first.
 PY ?= python3
@@ -9,6 +10,10 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 ARGS ?=
 PYTEST_ARGS ?=
+# what pytest runs: the whole suite and the notebook, or (PYTEST_ARGS given) that alone;
+# pytest's testpaths supply tests/ when PYTEST_ARGS holds options only
+TESTS = $(if $(strip $(PYTEST_ARGS)),$(PYTEST_ARGS),tests)
+NOTEBOOKS = $(if $(strip $(PYTEST_ARGS)),,$(VENV)/bin/python -m pytest -q --nbmake notebooks)
 
 .PHONY: setup bench test test-full lint mutation scaling benchmark clean
 
@@ -25,12 +30,12 @@ bench: setup
 	$(VENV)/bin/python -m attnbench $(ARGS)
 
 test: setup
-	$(VENV)/bin/python -m pytest -q -n 3 -m "not full" $(PYTEST_ARGS) tests
-	$(VENV)/bin/python -m pytest -q --nbmake notebooks
+	$(VENV)/bin/python -m pytest -q -n 3 -m "not full" $(TESTS)
+	$(NOTEBOOKS)
 
 test-full: setup
-	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 $(PYTEST_ARGS) tests
-	$(VENV)/bin/python -m pytest -q --nbmake notebooks
+	$(VENV)/bin/python -m pytest -q -n auto --maxprocesses 4 $(TESTS)
+	$(NOTEBOOKS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

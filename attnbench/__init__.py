@@ -4,15 +4,9 @@ implemented several ways, checked against a float64 reference, timed and profile
 Importing this package needs torch alone; implementations load on first use.
 """
 
-from pathlib import Path as _Path
+from .layout import map_folders as _map_folders
 
-# The implementations and the Hydra configs are ``attnbench.impls`` and
-# ``attnbench.conf``. An installed attnbench has them inside the package (pyproject
-# maps the repository's top-level impls/ and conf/ there); a plain checkout keeps
-# them beside it, so the checkout's root is searched too.
-_ROOT = _Path(__file__).resolve().parent.parent
-if not (_Path(__file__).parent / "impls").is_dir() and (_ROOT / "impls" / "__init__.py").is_file():
-    __path__.append(str(_ROOT))
+_map_folders()  # attnbench.impls and attnbench.conf, run from a checkout (attnbench.layout)
 
 from .pattern import Pattern  # noqa: E402
 from .reference import default_scale, reference, reference_rows  # noqa: E402

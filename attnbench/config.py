@@ -26,6 +26,9 @@ MODES = ("fwd", "bwd", "fwd_bwd")
 MODELS = {"longformer": "longformer-base-shaped", "modernbert": "modernbert-base-shaped",
           "mistral": "mistral-7b-shaped"}  # fmt: skip
 DEVICES = ("auto", "cpu", "cuda")
+#: the figure a run draws at its end (attnbench.plot); auto: decided from the study's rows
+FIGURES = ("auto", "none", "scaling", "model", "breakdown")
+MAX_SEQ_LEN = 2**31 - 1
 ISOLATE = ("auto", "true", "false")
 
 
@@ -72,6 +75,11 @@ class BenchConfig:
     profile: bool = False  # one more call under torch.profiler: results/profiles/<study>/...
     model_layers: int = 0  # 0: the attention call alone; L: inside an L-layer model (attnbench.model)
     model: str = "longformer"  # the model family model_layers builds: longformer, modernbert, mistral
+    figure: str = "auto"  # drawn from the study's table at the run's end: auto, none, scaling, model, breakdown
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dtype, str):  # dtype names are case-insensitive: FP32 is fp32
+            self.dtype = self.dtype.lower()
 
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
@@ -179,13 +187,14 @@ def _is_number(v: object) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _int(low: int, optional: bool = False) -> Callable[[str, object], None]:
+def _int(low: int, optional: bool = False, high: int | None = None, why: str = "") -> Callable[[str, object], None]:
     def rule(name: str, v: object) -> None:
         if optional and v is None:
             return
-        if not _is_int(v) or v < low:
+        if not _is_int(v) or v < low or (high is not None and v > high):
             extra = " or null" if optional else ""
-            raise ValueError(f"{name}={v!r}: must be an int >= {low}{extra}")
+            span = f">= {low}" if high is None else f"from {low} to {high}{why}"
+            raise ValueError(f"{name}={v!r}: must be an int {span}{extra}")
 
     return rule
 
@@ -236,8 +245,8 @@ def _any(name: str, v: object) -> None:  # checked by Pattern (window, dilation,
 
 
 _RULES: dict[str, Callable[[str, Any], None]] = {
-    "impl": _str(r".+", "an implementation name (python -m attnbench.describe lists them)"),
-    "seq_len": _int(1, optional=True),
+    "impl": _str(r".+", "an implementation name (python -m attnbench describe lists them)"),
+    "seq_len": _int(1, optional=True, high=MAX_SEQ_LEN, why=" (2^31 - 1: kernels index positions in 32 bits)"),
     "window": _any,
     "dilation": _any,
     "global_tokens": _any,
@@ -250,7 +259,11 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "device": _choice(DEVICES),
     "mode": _choice(MODES),
     "seed": _int(0),
-    "study": _str(r"[^/\\]+", "a file name without '/' (results_dir= sets the folder)"),
+    # a visible file name: not empty, not . or .., no path separator, no leading dot
+    "study": _str(
+        r"[^./\\][^/\\]*",
+        "a file name: not empty, no '/' or '\\', not starting with '.' (results_dir= sets the folder)",
+    ),
     "results_dir": _str(r".+", "a folder path"),
     "verify": _bool,
     "exact_verify_bytes": _number(0, strict=False),
@@ -272,6 +285,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "profile": _bool,
     "model_layers": _int(0),
     "model": _choice(tuple(MODELS)),
+    "figure": _choice(FIGURES),
     "resume": _bool,
     "row_files": _choice(ISOLATE),
     "sweep": _any,

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .dtypes import dtype_name
+from .layout import impls_package
 from .ops import repeat_kv
 from .pattern import Pattern
 from .reference import default_scale
@@ -93,6 +94,11 @@ class Impl:
             when it came from the cache) and ``tunables`` (e.g. autotuned block sizes).
         native_gqa: ``fn`` reads k, v with fewer heads than q itself; otherwise
             :meth:`call` repeats them per query head first.
+        dense: computes every (query, key) score whatever the pattern, so its time
+            grows as n^2 (otherwise as the pattern's pairs); the time guard's growth
+            until a series has two measured points.
+        unsupported_on: declared features a device type refuses, ``{device: {feature:
+            reason}}`` (FlexAttention's backward on the CPU): refused before any call.
     """
 
     name: str
@@ -110,6 +116,8 @@ class Impl:
     interpreted_on_cpu: bool = False
     report: Callable[[], dict] | None = None
     native_gqa: bool = False
+    dense: bool = False
+    unsupported_on: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def call(
         self,
@@ -180,9 +188,12 @@ class Impl:
         if dtype not in self.dtypes:
             names = ", ".join(dtype_name(t) for t in self.dtypes)
             reasons.append(f"dtype {dtype_name(dtype)} not supported (supports {names})")
+        limits = self.unsupported_on.get(dev, {})
         for feat in required_features(pattern, backward=backward, key_mask=key_mask):
             if feat not in self.features:
                 reasons.append(f"feature {feat!r} not supported")
+            elif feat in limits:
+                reasons.append(f"feature {feat!r} not supported on {dev}: {limits[feat]}")
         if q is not None and self.check is not None and not reasons:
             reasons.extend(self.check(q, pattern))
         return reasons
@@ -235,6 +246,8 @@ def register(
     interpreted_on_cpu: bool = False,
     report: Callable[[], dict] | None = None,
     native_gqa: bool = False,
+    dense: bool = False,
+    unsupported_on: dict[str, dict[str, str]] | None = None,
 ) -> Callable[[ImplFn], ImplFn]:
     """Decorator registering ``fn(q, k, v, pattern, scale) -> out`` under ``name``.
 
@@ -242,7 +255,8 @@ def register(
     line of ``fn``'s docstring. A duplicate name is an error; so is an unknown feature.
     """
     feats = frozenset(features)
-    unknown = feats - set(FEATURES)
+    unsupported_on = {dev: dict(m) for dev, m in (unsupported_on or {}).items()}
+    unknown = (feats | {f for m in unsupported_on.values() for f in m}) - set(FEATURES)
     if unknown:
         raise ValueError(f"register({name!r}): unknown feature(s) {sorted(unknown)}; allowed: {', '.join(FEATURES)}")
 
@@ -267,6 +281,8 @@ def register(
             interpreted_on_cpu=interpreted_on_cpu,
             report=report,
             native_gqa=native_gqa,
+            dense=dense,
+            unsupported_on=unsupported_on,
         )
         return fn
 
@@ -285,7 +301,7 @@ def _load_all() -> None:
     if _LOADED:
         return
     _LOADED = True
-    from . import impls
+    impls = impls_package()
 
     for mod in sorted(pkgutil.iter_modules(impls.__path__), key=lambda m: m.name):
         if mod.name.startswith("_"):
@@ -335,11 +351,23 @@ def get_impl(name: str) -> Impl:
         raise ValueError(f"impl={name!r}: unknown implementation; choose one of: {choices}") from None
 
 
+def _caveats(im: Impl) -> list[str]:
+    """What an available implementation cannot do everywhere, from its declared data."""
+    out = [f"{dev}: no {feat}: {why}" for dev, limits in im.unsupported_on.items() for feat, why in limits.items()]
+    if im.interpreted_on_cpu and "cpu" in im.devices:
+        out.append(
+            "cpu: runs only in Triton's interpreter (TRITON_INTERPRET=1), for tests: sizes over "
+            "interpreter_max_seq are skipped unless allow_slow=true"
+        )
+    return out
+
+
 def describe() -> list[dict]:
-    """One dict per implementation: name, available (or why not), devices, dtypes, features.
+    """One dict per implementation: name, available (or why not), devices, dtypes,
+    features, and its caveats (a list: what a device refuses or runs only slowly).
 
     ``attnbench.describe()`` pretty-prints nothing: turn it into a DataFrame or use
-    ``python -m attnbench.describe``.
+    ``python -m attnbench describe``.
     """
     _load_all()
     rows = []
@@ -355,6 +383,7 @@ def describe() -> list[dict]:
                 "dtypes": ",".join(dtype_name(t) for t in im.dtypes),
                 "features": ",".join(f for f in FEATURES if f in im.features),
                 "gqa": "native" if im.native_gqa else "repeats k, v",
+                "caveats": _caveats(im),
                 "description": im.description,
             }
         )
@@ -368,6 +397,7 @@ def describe() -> list[dict]:
                 "dtypes": "",
                 "features": "",
                 "gqa": "",
+                "caveats": [],
                 "description": "",
             }
         )

@@ -20,9 +20,9 @@ Requirements and what this module declares (verified with torch 2.13 on the CPU)
 
 * CPU: the compiled C++ kernel accepts fp32, fp16 and bf16 but not fp64 (inductor
   raises), and it is inference-only: ``flex_attention`` raises NotImplementedError for
-  inputs that require grad, compiled or not (pytorch#148752). ``features`` is per
-  implementation, so ``backward`` is declared (it exists on CUDA) and :func:`_check`
-  refuses a CPU call that would need it, with that reason.
+  inputs that require grad, compiled or not (pytorch#148752). ``backward`` is declared
+  (it exists on CUDA) and refused on the CPU through ``unsupported_on``, so the registry
+  refuses such a call (and the benchmark skips it) before anything compiles.
 * CUDA (Triton kernel; not verified here): head_dim must be at least 16, refused in
   :func:`_check`. Ragged lengths (n not a multiple of 128) are handled by FlexAttention.
 * fp64 is not declared: refused on the CPU, unverified on CUDA.
@@ -103,8 +103,6 @@ def _cpu_kernel_wrong(head_dim: int, n: int) -> bool:
 
 def _check(q: torch.Tensor, pattern: Pattern) -> list[str]:
     reasons = []
-    if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
-        reasons.append(_CPU_INFERENCE_ONLY)
     if q.device.type == "cpu" and _cpu_kernel_wrong(q.shape[-1], q.shape[-2]):
         reasons.append(f"head_dim={q.shape[-1]}, seq_len={q.shape[-2]}: {_CPU_WRONG} (impls/flex.py reduces it)")
     if q.device.type == "cuda" and q.shape[-1] < 16:
@@ -216,6 +214,7 @@ def clear_cache() -> None:
     slow_on_cpu=True,
     report=report,
     native_gqa=True,
+    unsupported_on={"cpu": {"backward": _CPU_INFERENCE_ONLY}},
 )
 def flex(
     q: torch.Tensor,
@@ -235,7 +234,7 @@ def flex(
     B, H, n, D = q.shape
     cpu = q.device.type == "cpu"
     if cpu and any(t.requires_grad for t in (q, k, v)):
-        if torch.is_grad_enabled():  # k or v only: check() sees q alone
+        if torch.is_grad_enabled():  # a direct call (attention() refuses it first)
             raise UnsupportedError("flex", [_CPU_INFERENCE_ONLY])
         # FlexAttention refuses CPU inputs that require grad even under no_grad
         q, k, v = q.detach(), k.detach(), v.detach()

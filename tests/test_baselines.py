@@ -221,3 +221,43 @@ def test_modules_import_with_torch_alone() -> None:
         "assert not bad, bad\n"
     )
     run_fresh(code)
+
+
+# ---------------------------------------------------------------------- refusals before anything runs
+def _row(**kw) -> dict:
+    """The benchmark's row for a CPU configuration, measured in this process."""
+    from attnbench.config import BenchConfig
+    from attnbench.sweep import measure
+
+    base = dict(device="cpu", seq_len=256, window=8, heads=2, head_dim=32, isolate=False, time_budget_s=0.01)
+    return measure(BenchConfig(**{**base, **kw}))
+
+
+def test_flex_backward_on_the_cpu_is_refused_by_its_declared_data(monkeypatch) -> None:
+    """impl=flex mode=bwd on the CPU is skipped from the registry's data, before anything
+    compiles (the guard's own check sees no real tensor)."""
+    import attnbench.impls.flex as flex
+
+    im = attnbench.get_impl("flex")
+    why = im.not_supported_reasons(Pattern(8), device="cpu", dtype=torch.float32, backward=True)
+    assert any("inference-only" in r for r in why), why
+    on_cuda = im.not_supported_reasons(Pattern(8), device="cuda", dtype=torch.float32, backward=True)
+    assert not any("inference-only" in r for r in on_cuda), on_cuda
+
+    def never():
+        raise AssertionError("compiled a refused call")
+
+    monkeypatch.setattr(flex, "_compiled_flex", never)
+    monkeypatch.setattr(flex, "_compiled_builder", never)
+    for mode in ("bwd", "fwd_bwd"):
+        row = _row(impl="flex", mode=mode)
+        assert row["status"] == "skipped" and "inference-only" in row["reason"], (mode, row["reason"])
+
+
+def test_flash_attn_skipped_row_names_every_reason() -> None:
+    """The row the benchmark writes lists every reason the registry gives, as the Python API does."""
+    im = attnbench.get_impl("flash_attn")
+    row = _row(impl="flash_attn", dtype="fp32", dilation=2, global_tokens=[0])
+    reasons = im.not_supported_reasons(Pattern(8, 2, False, (0,)), device="cpu", dtype=torch.float32)
+    assert len(reasons) >= 4, reasons
+    assert row["status"] == "skipped" and all(r in row["reason"] for r in reasons), (row["reason"], reasons)

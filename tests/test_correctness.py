@@ -145,10 +145,10 @@ def _params(dtypes: list[torch.dtype], backward: bool):
                     continue
                 if slow and dt not in SLOW_DTYPES.get(case.id, (torch.float32,)):
                     continue  # every compile or interpreted call costs seconds here
-                if im.check is not None:
-                    probe = torch.empty(case.B, case.H, case.n, case.D, dtype=dt, device=DEVICE)
-                    if im.check(probe.requires_grad_(backward), case.pattern):
-                        continue  # a declared per-call refusal, tested where the impl is
+                probe = torch.empty(case.B, case.H, case.n, case.D, dtype=dt, device=DEVICE)
+                if im.not_supported_reasons(case.pattern, device=DEVICE, dtype=dt, backward=backward,
+                                            q=probe.requires_grad_(backward), key_mask=case.key_mask):  # fmt: skip
+                    continue  # a declared refusal (per device or per call), tested where the impl is
                 full = slow and not (case.core and (dt == torch.float32 or case.id == "n97-causal-d2-g"))
                 out.append(pytest.param(name, case, dt, id=f"{name}-{case.id}-{str(dt)[6:]}", marks=[FULL] * full))
     return out

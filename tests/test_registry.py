@@ -47,7 +47,8 @@ def test_import_is_lazy():
     code = (
         "import sys, attnbench\n"
         "assert 'triton' not in sys.modules and 'cupy' not in sys.modules, 'eager import'\n"
-        "assert 'attnbench.impls' not in sys.modules, 'implementations imported eagerly'\n"
+        "eager = [m for m in sys.modules if m.startswith('attnbench.impls.')]\n"
+        "assert not eager, f'implementations imported eagerly: {eager}'\n"
         "attnbench.list_impls()\n"
         "bad = [m for m in ('triton', 'cupy', 'flash_attn', 'transformers') if m in sys.modules]\n"
         "assert not bad, f'registering implementations imported {bad}'\n"
@@ -212,3 +213,43 @@ def test_entry_point_plugins_load(monkeypatch):
     monkeypatch.setattr(reg, "_LOADED", False)
     monkeypatch.setattr(reg, "_REGISTRY", dict(reg._REGISTRY))
     assert "from_plugin" in attnbench.list_impls() and "chunked" in attnbench.list_impls()
+
+
+def test_a_feature_a_device_refuses_is_refused_there_only(throwaway):
+    """unsupported_on: declared data, refused by not_supported_reasons before any call."""
+    throwaway("no_cpu_backward", unsupported_on={"cpu": {"backward": "inference only here"}})
+    im = attnbench.get_impl("no_cpu_backward")
+    cpu = im.not_supported_reasons(Pattern(4), device="cpu", dtype=torch.float32, backward=True)
+    assert cpu == ["feature 'backward' not supported on cpu: inference only here"]
+    assert not im.not_supported_reasons(Pattern(4), device="cpu", dtype=torch.float32)
+    assert not im.not_supported_reasons(Pattern(4), device="cuda", dtype=torch.float32, backward=True)
+    with pytest.raises(ValueError, match="unknown feature"):
+        attnbench.register("bad_limit", unsupported_on={"cpu": {"training": "no"}})
+
+
+def test_describe_shows_each_implementations_caveats(throwaway):
+    """From the declared data: a feature a device refuses, Triton's interpreter on the CPU."""
+    throwaway("limited", unsupported_on={"cpu": {"backward": "inference only here"}})
+    throwaway("interpreted", interpreted_on_cpu=True)
+    rows = {r["name"]: r for r in attnbench.describe()}
+    assert rows["limited"]["caveats"] == ["cpu: no backward: inference only here"]
+    assert "Triton's interpreter (TRITON_INTERPRET=1)" in rows["interpreted"]["caveats"][0]
+    assert rows["chunked"]["caveats"] == []
+    assert any("inference-only" in c for c in rows["flex"]["caveats"])
+    assert any("interpreter" in c for c in rows["triton"]["caveats"])
+
+
+def test_the_describe_command_never_hides_the_describe_function():
+    """Importing the command's module leaves attnbench.describe the function (a submodule
+    named describe would replace it), and the command prints the table with the caveats."""
+    code = (
+        "import attnbench, attnbench.catalog, attnbench.__main__\n"
+        "from attnbench import registry\n"
+        "assert attnbench.describe is registry.describe, attnbench.describe\n"
+        "import importlib.util\n"
+        "assert importlib.util.find_spec('attnbench.describe') is None\n"
+        "print(attnbench.catalog.table())\n"
+    )
+    out = run_fresh(code)
+    assert out.splitlines()[0].split()[:2] == ["name", "available"]
+    assert "cpu: no backward: FlexAttention's compiled CPU path is inference-only" in out
