@@ -63,18 +63,89 @@ MUTATIONS = [
         "fp32-x1.001",
         "chunked's fp32 output is 0.1% too large",
         "impls/chunked.py",
-        "        out = out.index_copy(2, glob, og)\n    return out",
-        "        out = out.index_copy(2, glob, og)\n    return out * 1.001 if out.dtype == torch.float32 else out",
+        "  # (B, H, G, D)\n    return out",
+        "  # (B, H, G, D)\n    return out * 1.001 if out.dtype == torch.float32 else out",
         ("tests/test_correctness.py", "-k", "chunked and float32"),
     ),
     Mutation(
         "bf16-x1.01",
         "chunked's bf16 output is 1% too large",
         "impls/chunked.py",
-        "        out = out.index_copy(2, glob, og)\n    return out",
-        "        out = out.index_copy(2, glob, og)\n"
-        "    return (out.float() * 1.01).to(out.dtype) if out.dtype == torch.bfloat16 else out",
+        "  # (B, H, G, D)\n    return out",
+        "  # (B, H, G, D)\n    return (out.float() * 1.01).to(out.dtype) if out.dtype == torch.bfloat16 else out",
         ("tests/test_correctness.py", "-k", "chunked and bfloat16"),
+    ),
+    Mutation(
+        "identity-dtype",
+        "the identity of a measurement ignores dtype (resume, merge, latest confuse fp32 and bf16 rows)",
+        "attnbench/results.py",
+        '_config("dtype", show="dtype")',
+        '_config("dtype", show="dtype", identity=False)',
+        ("tests/test_blind_spots.py", "-k", "identity_changes_with_every_field"),
+    ),
+    Mutation(
+        "grad-wrong-timed",
+        "a row whose gradient failed verification goes on to be timed",
+        "attnbench/measure.py",
+        'raise Wrong(f"gradient {worst}", fields)',
+        'log.warning("gradient %s", worst)',
+        ("tests/test_blind_spots.py", "-k", "wrong_gradient_gets_no_time"),
+    ),
+    Mutation(
+        "timer-seconds",
+        "the CPU timing loop reports seconds as milliseconds",
+        "attnbench/measure.py",
+        "times.append((time.perf_counter() - t) * 1e3)",
+        "times.append(time.perf_counter() - t)",
+        ("tests/test_blind_spots.py", "-k", "reports_milliseconds"),
+    ),
+    Mutation(
+        "fp32-floors-x10",
+        "both fp32 tolerance floors (max and mean) 10x wider",
+        "attnbench/verify.py",
+        'ATOL = {"fp64": 1e-9, "fp32": 2e-5, "bf16": 1.6e-2, "fp16": 2e-3}\n'
+        "#: its mean error may be this many times the control's ...\n"
+        "MEAN_FACTOR = 1.5\n"
+        "#: ... plus this floor\n"
+        'MEAN_ATOL = {"fp64": 1e-11, "fp32": 2e-7, "bf16": 2e-5, "fp16": 5e-6}',
+        'ATOL = {"fp64": 1e-9, "fp32": 2e-4, "bf16": 1.6e-2, "fp16": 2e-3}\n'
+        "#: its mean error may be this many times the control's ...\n"
+        "MEAN_FACTOR = 1.5\n"
+        "#: ... plus this floor\n"
+        'MEAN_ATOL = {"fp64": 1e-11, "fp32": 2e-6, "bf16": 2e-5, "fp16": 5e-6}',
+        ("tests/test_blind_spots.py", "-k", "fp32_floors"),
+    ),
+    Mutation(
+        "sampled-dv-rows",
+        "the sampled gradient check compares dv on the sampled rows only, not on every key they reach",
+        "attnbench/verify.py",
+        "where = [torch.as_tensor(rows), reached.nonzero().flatten(), reached.nonzero().flatten()]",
+        "where = [torch.as_tensor(rows), reached.nonzero().flatten(), torch.as_tensor(rows)]",
+        ("tests/test_blind_spots.py", "-k", "sampled_gradients"),
+    ),
+    Mutation(
+        "ratio-no-dtype",
+        "the ratio table joins rows of different dtypes (an fp32 time over a bf16 one)",
+        "attnbench/plot.py",
+        '"device_name", "dtype", "mode", "pattern"',
+        '"device_name", "mode", "pattern"',
+        ("tests/test_blind_spots.py", "-k", "ratio_table"),
+    ),
+    Mutation(
+        "bwd-flops-2",
+        "the backward counts as 2 forwards (fwd_bwd 3), not 2.5 (3.5)",
+        "attnbench/results.py",
+        '"bwd": 2.5, "fwd_bwd": 3.5',
+        '"bwd": 2.0, "fwd_bwd": 3.0',
+        ("tests/test_blind_spots.py", "-k", "two_and_a_half or flops_of_a_tiny_pattern"),
+    ),
+    Mutation(
+        "profile-self-us",
+        "the profile's self times are 1000x too small (microseconds divided by 1e6 into 'ms')",
+        "attnbench/profile.py",
+        "self_us / 1e3",
+        "self_us / 1e6",
+        ("tests/test_blind_spots.py", "-k", "profile_self_time"),
     ),
 ]
 
