@@ -37,7 +37,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import math
 import os
 import platform
 import shutil
@@ -57,6 +56,7 @@ from .children import Died, Stopped, Worker, run_pool, sigint_default
 from .config import BenchConfig
 from .gpu_warmup import compile_one, triton_compiles
 from .measure import calls_per_job
+from .results import number
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = Path(importlib.import_module("attnbench.conf").__file__).parent  # conf/ in a checkout
@@ -316,14 +316,6 @@ def read_calibration(path: Path = CALIBRATION) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def _num(v: object) -> float | None:
-    try:
-        x = float(v)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(x) else x
-
-
 class Estimator:
     """About how long jobs take on an H100-class host, in the order they run: a job's
     measured time where the calibration table has the same job (stage and label), else
@@ -333,10 +325,10 @@ class Estimator:
 
     def __init__(self, calibration: list[dict]):
         def column(name: str, stages: Iterable[str]) -> dict[str, float]:
-            return {r["key"]: _num(r[name]) for r in calibration if r["stage"] in stages and r.get("key")
-                    and _num(r.get(name))}  # fmt: skip
+            return {r["key"]: number(r[name]) for r in calibration if r["stage"] in stages and r.get("key")
+                    and number(r.get(name))}  # fmt: skip
 
-        self.jobs = {(r["stage"], r["job"]): _num(r["job_s"]) for r in calibration if _num(r.get("job_s"))}
+        self.jobs = {(r["stage"], r["job"]): number(r["job_s"]) for r in calibration if number(r.get("job_s"))}
         self.first = column("first_call_s", MEASURING)  # a measured job's first call, caches warm
         self.cold = column("job_s", ["warm-up"])  # a flex shape's graphs (forward and backward), nothing cached
         count = column("count", ["warm-up"])
@@ -661,7 +653,7 @@ def run_stage(stage: str, jobs: list[Job], run: Run, deadline: float) -> None:
             job_s = time.perf_counter() - t0
             if run.worker.starts > starts:
                 log.info("  (a new worker process started for this job)")
-            first = _num(row.get("first_call_ms"))
+            first = number(row.get("first_call_ms"))
             run.calibrate(stage, job_name(c), compile_key(c), job_s=round(job_s, 2),
                           first_call_s=None if first is None else round(first / 1e3, 2))  # fmt: skip
         job_s = time.perf_counter() - t0
@@ -821,7 +813,7 @@ def _value(t: dict, found: list[dict | None]) -> float | None:
     """Target ``t``'s measure from its rows (impl, baseline); None where one it needs is
     not ok or lacks the value."""
     col = "time_ms_median" if t["measure"] in ("speedup", "time_ratio") else "peak_mem_bytes"
-    a, b = (_num(r[col]) if r is not None and r["status"] == "ok" else None for r in found)
+    a, b = (number(r[col]) if r is not None and r["status"] == "ok" else None for r in found)
     if t["measure"] == "extra_memory":  # the peak over the output and two fp32 per row (a row's max and 1/sum)
         c = _config(t, t["impl"])
         b = c.batch * c.heads * c.seq_len * (c.head_dim * c.torch_dtype().itemsize + 8)
@@ -1240,7 +1232,7 @@ def _log_warmup(run: Run, results: dict, procs: int) -> None:
     if flex:
         done, wall = flex
         for c, row, s in done:
-            first = _num(row.get("first_call_ms")) if isinstance(row, dict) else None
+            first = number(row.get("first_call_ms")) if isinstance(row, dict) else None
             run.calibrate("warm-up", job_name(c), compile_key(c), job_s=_round(s),
                           first_call_s=_round(first / 1e3 if first else None))  # fmt: skip
         ok = sum(isinstance(r, dict) and r.get("status") == "ok" for _, r, _ in done)

@@ -44,6 +44,7 @@ __all__ = [
     "plan_columns",
     "machine_columns",
     "column",
+    "number",
     "base_row",
     "unmeasured",
     "window_value",
@@ -91,7 +92,8 @@ class Column:
     label: str = ""
 
 
-def _num(v: object) -> float | None:
+def number(v: object) -> float | None:
+    """A cell as a float; None when it is empty, not a number, or NaN."""
     try:
         x = float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -101,14 +103,14 @@ def _num(v: object) -> float | None:
 
 def _fixed(spec: str) -> Callable[[object, Mapping], str]:
     def fmt(v: object, row: Mapping) -> str:
-        x = _num(v)
+        x = number(v)
         return "" if x is None else format(x, spec)
 
     return fmt
 
 
 def _bytes_fmt(v: object, row: Mapping) -> str:
-    x = _num(v)
+    x = number(v)
     return "" if x is None else _human_bytes(x)
 
 
