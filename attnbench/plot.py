@@ -50,6 +50,7 @@ from .config import FIGURES, MODES, setting_error
 from .model import baseline_of
 from .profile import CATEGORIES, breakdown
 from .registry import list_impls
+from .results import column as schema_column
 from .tables import ResultsError, load, report_written
 
 __all__ = ["PALETTE", "MAX_PATTERNS_PER_FIGURE", "ResultsError", "load_results", "filter_results", "fit_exponent",
@@ -227,7 +228,7 @@ def _log_axes(ax, ns: Sequence[float], ylabel: str) -> None:
     ticks = sorted(set(int(n) for n in ns))
     ax.set_xticks(ticks, [_fmt_n(n) for n in ticks])
     ax.minorticks_off()
-    ax.set_xlabel("sequence length n")
+    ax.set_xlabel(schema_column("seq_len").label)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="major", color="#e0e0e0", lw=0.6)
     for side in ("top", "right"):
@@ -261,8 +262,9 @@ def _scaling_figure(sub: pd.DataFrame, title: str, dpi: int) -> Figure:
     axes = fig.subplots(len(devices), 2, squeeze=False, sharex=True)
     handles, dropped, drawn, fitted = {}, [], set(), False
     for row, device in zip(axes, devices):
-        for col, (ax, what, scale, unit) in enumerate(((row[0], "time", 1.0, "median time per call (ms)"),
-                                                       (row[1], "mem", 2**20, "peak memory (MiB)"))):  # fmt: skip
+        panels = ((row[0], "time", 1.0, schema_column("time_ms_median").label),
+                  (row[1], "mem", 2**20, schema_column("peak_mem_bytes").label))  # fmt: skip
+        for col, (ax, what, scale, unit) in enumerate(panels):
             xs, ys = [], []
             for impl in impls:
                 for p_i, pattern in enumerate(patterns):

@@ -78,7 +78,7 @@ class Column:
             function of the row's other normalised identity values.
         show: the terminal table's header for it (None: not shown there).
         fmt: how the terminal table writes a value, ``fmt(value, row) -> str``.
-        label: how figures name it (an axis or a legend).
+        label: how figures name it on an axis.
     """
 
     name: str
@@ -230,9 +230,8 @@ SCHEMA: list[Column] = [
     # what was run
     _config("study"),
     _config("impl", show="impl", fmt=_impl_fmt),
-    _config("model", of=lambda c, p: f"{MODELS[c.model]}, {c.model_layers} layers" if c.model_layers else "",
-            label="where"),
-    _config("pattern", of=lambda c, p: p.describe(), show="pattern", label="pattern"),
+    _config("model", of=lambda c, p: f"{MODELS[c.model]}, {c.model_layers} layers" if c.model_layers else ""),
+    _config("pattern", of=lambda c, p: p.describe(), show="pattern"),
     _config("window", "window", of=lambda c, p: window_value(p.window)),
     _config("window_left", "int", of=lambda c, p: p.left, identity=False),
     _config("window_right", "int", of=lambda c, p: p.right, identity=False),
@@ -257,7 +256,7 @@ SCHEMA: list[Column] = [
     _measured("reason_kind", "text"),
     _measured("reason", "text"),
     # time
-    _measured("time_ms_median", show="median ms", fmt=_fixed(".3f"), label="time (ms)"),
+    _measured("time_ms_median", show="median ms", fmt=_fixed(".3f"), label="median time per call (ms)"),
     _measured("time_ms_iqr"),
     _measured("time_ms_min"),
     _measured("first_call_ms"),
@@ -265,10 +264,10 @@ SCHEMA: list[Column] = [
     _measured("n_timed", "int"),
     _measured("timer", "text"),
     # memory and work
-    _measured("peak_mem_bytes", show="peak mem", fmt=_bytes_fmt, label="peak memory"),
+    _measured("peak_mem_bytes", show="peak mem", fmt=_bytes_fmt, label="peak memory (MiB)"),
     _measured("mem_estimate_bytes"),
     Column("flops", "float", "config", _flops),
-    _measured("tflops", show="TFLOP/s", fmt=_fixed(".4f"), label="TFLOP/s"),
+    _measured("tflops", show="TFLOP/s", fmt=_fixed(".4f")),
     # verification
     _measured("verified", "text", show="verified"),
     _measured("max_abs_err", show="max err", fmt=_fixed(".1e")),
