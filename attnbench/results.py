@@ -75,7 +75,7 @@ class Column:
             ``env`` columns.
         identity: part of what makes two rows the same measurement.
         then: the value in a table written before the column existed, a constant or a
-            function of the row's other normalised identity values.
+            function of the row (its other columns, e.g. ``kv_heads`` was ``heads``).
         show: the terminal table's header for it (None: not shown there).
         fmt: how the terminal table writes a value, ``fmt(value, row) -> str``.
         label: how figures name it on an axis.
