@@ -103,7 +103,14 @@ def test_the_readme_shows_its_studies():
     assert sum(map(len, BLOCKS)) >= 10 and len(STUDIES) >= 3, (BLOCKS, STUDIES)
 
 
-@pytest.mark.parametrize("lines", STUDIES, ids=[s[0].split("experiment=")[-1].split()[0] for s in STUDIES])
+def _study_param(lines: list[str]):
+    """A study's lines as a test case; the model studies (Hugging Face models built and
+    verified per job, about two minutes each here) are in the full tier."""
+    name = lines[0].split("experiment=")[-1].split()[0]
+    return pytest.param(lines, id=name, marks=[pytest.mark.full] if name.startswith("model") else [])
+
+
+@pytest.mark.parametrize("lines", [_study_param(s) for s in STUDIES])
 def test_readme_study_commands_run_as_documented(tmp_path, lines):
     """Each study command, tiny, measured in this process (``isolate=false``: the same
     pipeline without a child per job, to keep the quick tier quick)."""
