@@ -407,11 +407,16 @@ def test_the_measuring_child_dies_with_its_parent(tmp_path, how):
 
 
 # ---------------------------------------------------------------------- resume
-def test_resume_skips_what_is_done(tmp_path):
+def test_resume_skips_what_is_done(tmp_path, caplog):
     configs = [cfg(tmp_path, impl="chunked", seq_len=n) for n in (32, 48)]
     assert len(sweep(configs, progress=False)) == 2
     assert sweep(configs + [cfg(tmp_path, impl="chunked", seq_len=80)], resume=True, progress=False)[0]["seq_len"] == 80
     assert len(read_rows(tmp_path / "t.csv")) == 3
+    # one line per study says what was skipped, from when and where, and how to measure it again
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resume:")]
+    stamp, host = read_rows(tmp_path / "t.csv")[0]["timestamp"][:10], read_rows(tmp_path / "t.csv")[0]["host"]
+    assert f"2 of 3 jobs already in {tmp_path / 't.csv'}, measured {stamp} on {host}" in line, line
+    assert "without resume=true" in line, line
 
 
 def test_resume_measures_what_another_machine_measured_and_retries_errors(tmp_path, throwaway):
