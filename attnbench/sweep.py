@@ -391,11 +391,14 @@ def _not_done(todo: list[BenchConfig]) -> list[BenchConfig]:
     finished: dict[Path, dict] = {}
     kept, found = [], collections.defaultdict(list)
     for c in todo:
-        row = finished.setdefault(table_path(c), done(c)).get(identity(base_row(c)))
+        path = table_path(c)
+        if path not in finished:  # each study's table and row files read once
+            finished[path] = done(c)
+        row = finished[path].get(identity(base_row(c)))
         if row is None:
             kept.append(c)
         else:
-            found[table_path(c)].append(row)
+            found[path].append(row)
     for path, rows in found.items():
         asked = sum(table_path(c) == path for c in todo)
         stamps = sorted(str(r.get("timestamp") or "")[:10] for r in rows if r.get("timestamp"))
