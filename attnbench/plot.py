@@ -519,6 +519,7 @@ def write_breakdown(df: pd.DataFrame, table: Path, *, dpi: int = 110) -> list[Pa
     if parts.empty:
         raise ResultsError(f"{table}: no profiled rows (measure with profile=true)")
     csv_path = table.with_name(f"{table.stem}-breakdown.csv")
+    parts["peak_mem_bytes"] = pd.to_numeric(parts["peak_mem_bytes"]).round().astype("Int64")  # bytes, not 7.549e+08
     parts.to_csv(csv_path, index=False, float_format="%.4g")
     r = rows[0]
     title = f"Where the time goes: {r['device_name']}, {r['dtype']}, n = {r['seq_len']}, {r['mode']}"

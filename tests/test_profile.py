@@ -105,6 +105,8 @@ def test_the_breakdown_command_line(tmp_path):
     r = subprocess.run([*run, str(tmp_path / "p.csv")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(tmp_path / "p-breakdown.csv"), str(tmp_path / "p-breakdown.png")]
+    peaks = pd.read_csv(tmp_path / "p-breakdown.csv", dtype=str)["peak_mem_bytes"]
+    assert peaks.str.fullmatch(r"\d+").all(), list(peaks)  # whole bytes, as the table has them
     r = subprocess.run([*run, str(tmp_path / "q.csv")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.strip().endswith("no profiled rows (measure with profile=true)"), r.stderr
     r = subprocess.run([*run, "--help"], capture_output=True, text=True, timeout=300)
