@@ -11,17 +11,19 @@ value and what is allowed, exit status 2, and nothing is written. Then Hydra run
 jobs (with its basic launcher, or a submitit one for SLURM) and each hands its
 configurations to :func:`attnbench.sweep.sweep`, prints its rows and draws the figure
 its ``figure`` setting names from the study's table (:func:`attnbench.plot.write_figure`).
+The jobs of a ``-m`` sweep on the basic launcher are measured together, after Hydra has
+formed them all, so that ``repeats`` interleaves their implementations.
 
 Exit status 1: a row of the run is ``wrong`` or ``error``; the table is printed and the
 figure drawn first, then one line names those rows (``skipped`` and ``oom`` rows are
-results: status 0). In a ``-m`` sweep each job prints its line, every job runs, and the
-command exits 1 at the end.
+results: status 0). In a ``-m`` sweep every job runs, and the command exits 1 at the end.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import logging.config
 import os
 import re
 import signal
@@ -203,9 +205,10 @@ def _row_files_setting(value: object, job: list[str] | None = None) -> object:
 
 # ---------------------------------------------------------------------- running
 def _task(cfg) -> None:
-    from .results import format_rows
-    from .sweep import row_files_enabled, sweep
-    from .tables import ResultsError, rows_dir, table_path
+    """One Hydra job: its configurations measured now, or, in a ``-m`` sweep on Hydra's
+    basic launcher (every job in this process, one after another), kept for one
+    interleaved sweep of all of them once Hydra has formed every job (:func:`main`)."""
+    from .sweep import row_files_enabled
 
     try:
         configs, resume, row_files = build_configs(_container(cfg))
@@ -213,17 +216,44 @@ def _task(cfg) -> None:
     except ValueError as e:  # validated before Hydra started; only a changed machine gets here
         print(f"attnbench: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if _basic_multirun():
+        _PENDING.setdefault((resume, use_files), []).extend(configs)
+        from hydra.core.hydra_config import HydraConfig
+
+        _LOGGING.update(_container(HydraConfig.get().job_logging))  # for the sweep after the jobs
+    else:
+        _run(configs, resume, use_files)
+
+
+def _basic_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():  # _task called outside Hydra
+        return False
+    hc = HydraConfig.get()
+    return hc.mode == RunMode.MULTIRUN and "BasicLauncher" in str(hc.launcher.get("_target_", ""))
+
+
+def _run(configs: list[BenchConfig], resume: bool, use_files: bool) -> None:
+    """Measure ``configs`` in one sweep (interleaved where ``repeats`` > 1), print the
+    rows, draw each study's figure, and note the wrong and error rows for the exit status."""
+    from .results import format_rows
+    from .sweep import sweep
+    from .tables import ResultsError, rows_dir, table_path
+
     rows = sweep(configs, resume=resume, row_files=use_files)
     if rows:
         print(format_rows(rows))
-    if rows and not use_files:  # the figure of the study's table (a resumed run's rows join the earlier ones)
+    if rows and not use_files:  # the figure of each study's table (a resumed run's rows join the earlier ones)
         from .plot import write_figure
 
-        try:
-            for p in write_figure(configs[0].figure, table_path(configs[0])):
-                print(f"figure: {p}")
-        except ResultsError as e:
-            print(f"figure: not drawn: {' '.join(str(e).split())}")
+        for table, c in {table_path(c): c for c in configs}.items():
+            try:
+                for p in write_figure(c.figure, table):
+                    print(f"figure: {p}")
+            except ResultsError as e:
+                print(f"figure: not drawn: {' '.join(str(e).split())}")
     for p in sorted({str(rows_dir(c) if use_files else table_path(c)) for c in configs}):
         print(f"rows: {p}/ (into the table: python -m attnbench.merge {p})" if use_files else f"results: {p}")
     failed = [r for r in rows if r.get("status") in ("wrong", "error")]  # skipped and oom rows are results
@@ -236,6 +266,9 @@ def _task(cfg) -> None:
 
 #: the wrong and error rows of this command's jobs: exit status 1 at the end
 _FAILED: list[dict] = []
+#: a basic ``-m`` sweep's configurations, by (resume, row files), measured after Hydra's jobs
+_PENDING: dict[tuple[bool, bool], list[BenchConfig]] = {}
+_LOGGING: dict = {}  # the jobs' logging configuration (Hydra's own is in place after them)
 
 
 def _normalise(arg: str) -> str:
@@ -293,6 +326,10 @@ def main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # a launcher's errors reach main(), to be worded here
     try:
         hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(_task)()
+        if _LOGGING:
+            logging.config.dictConfig(_LOGGING)
+        for (resume, use_files), configs in _PENDING.items():
+            _run(configs, resume, use_files)
         if _FAILED:
             raise SystemExit(1)
     except KeyboardInterrupt:

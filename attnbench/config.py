@@ -62,6 +62,9 @@ class BenchConfig:
     min_reps: int = 3
     max_reps: int = 100  # ... or this many calls
     warmup: int = 1
+    # each configuration measured in this many fresh processes, interleaved with the other
+    # configurations it is compared with; the row's interval comes from them (1: from its calls)
+    repeats: int = 1
     threads: int | None = None  # CPU threads; None: torch's default
     flush_l2: bool = True
     # guards
@@ -273,6 +276,7 @@ _RULES: dict[str, Callable[[str, Any], None]] = {
     "min_reps": _int(1),
     "max_reps": _int(1),
     "warmup": _int(0),
+    "repeats": _int(1, high=100, why=""),
     "threads": _int(1, optional=True),
     "flush_l2": _bool,
     "memory": _bool,

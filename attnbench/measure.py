@@ -49,11 +49,15 @@ from .profile import profile_call, profile_dir
 from .reference import default_scale
 from .registry import Impl, UnsupportedError
 from .results import base_row
+from .stats import interval, spread
 from .verify import check_grads, check_output, sample_rows
 
-__all__ = ["AttentionCase", "case_for", "measure_here", "status_of", "time_fn"]
+__all__ = ["AttentionCase", "case_for", "measure_here", "noise_probe", "status_of", "time_fn"]
 
 log = logging.getLogger("attnbench")
+#: the clock of the engine's own timing loop and of the noise probe (seconds); a test
+#: may put a noisy one here
+clock = time.perf_counter
 
 
 @dataclass
@@ -218,10 +222,13 @@ def time_fn(
     else:
         times, timer = _loop(fn, device, warmup, min_reps, max_reps, budget_s, grad_to_none), "loop"
     qs = statistics.quantiles(times, n=4, method="inclusive") if len(times) > 1 else [times[0]] * 3
+    low, high = interval(times) or (None, None)
     return {
         "time_ms_median": statistics.median(times),
         "time_ms_iqr": qs[2] - qs[0],
         "time_ms_min": min(times),
+        "time_ms_ci_low": low,  # from the calls of this one process (attnbench.stats)
+        "time_ms_ci_high": high,
         "n_timed": len(times),
         "timer": timer,
     }
@@ -248,11 +255,35 @@ def _loop(fn, device: torch.device, warmup: int, min_reps: int, max_reps: int, b
             e1.synchronize()
             times.append(e0.elapsed_time(e1))
         else:
-            t = time.perf_counter()
+            t = clock()
             fn()
-            times.append((time.perf_counter() - t) * 1e3)
+            times.append((clock() - t) * 1e3)
         if len(times) >= min_reps and time.perf_counter() - start > budget_s:
             break
+    return times
+
+
+#: the noise probe: a fixed matrix product (n x n, dtype) per device, timed PROBE_CALLS times
+PROBE = {"cpu": (768, torch.float32), "cuda": (8192, torch.bfloat16)}
+PROBE_CALLS = 9
+#: the probe's times travel with a row to the sweep (which pools a row's repeats), not into tables
+PROBE_KEY = "_probe_ms"
+
+
+def noise_probe(device: str) -> list[float]:
+    """Times in ms of :data:`PROBE_CALLS` calls of a fixed matrix product on ``device``
+    (the sweep's noise meter: how steady the machine is, apart from any implementation)."""
+    dev = torch.device(device)
+    n, dtype = PROBE[dev.type]
+    a = torch.ones(n, n, device=dev, dtype=dtype)
+    a @ a  # untimed: the library's first call
+    times = []
+    for _ in range(PROBE_CALLS):
+        _sync(dev)
+        t = clock()
+        a @ a
+        _sync(dev)
+        times.append((clock() - t) * 1e3)
     return times
 
 
@@ -334,7 +365,8 @@ def measure_here(c: BenchConfig, impl: Impl) -> dict:
         del out
         _trim()
         log.info("%s: timing", label)
-        row.update(time_calls(case))
+        probe = noise_probe(c.device)  # the machine's steadiness, just before the timed calls
+        row.update(time_calls(case), noise=spread(probe), **{PROBE_KEY: probe})
         if c.memory:
             _trim()
             log.info("%s: peak memory", label)

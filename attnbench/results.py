@@ -114,6 +114,11 @@ def _bytes_fmt(v: object, row: Mapping) -> str:
     return "" if x is None else _human_bytes(x)
 
 
+def _interval_fmt(v: object, row: Mapping) -> str:
+    lo, hi = number(v), number(row.get("time_ms_ci_high"))
+    return "" if lo is None or hi is None else f"{lo:.3f}-{hi:.3f}"
+
+
 def _impl_fmt(v: object, row: Mapping) -> str:
     return f"{v}" + (" in the model" if row.get("model") else "")
 
@@ -257,12 +262,19 @@ SCHEMA: list[Column] = [
     _measured("reason", "text"),
     # time
     _measured("time_ms_median", show="median ms", fmt=_fixed(".3f"), label="median time per call (ms)"),
+    # the 95% interval of the median (attnbench.stats): from the repeats, else from the calls
+    _measured("time_ms_ci_low", show="95% CI ms", fmt=_interval_fmt),
+    _measured("time_ms_ci_high"),
+    _config("repeats", "int", identity=False, then=1, show="reps"),
+    _measured("time_ms_repeats", "text"),  # each repeat's median, in the order they ran
     _measured("time_ms_iqr"),
     _measured("time_ms_min"),
     _measured("first_call_ms"),
     _measured("setup_ms"),
     _measured("n_timed", "int"),
     _measured("timer", "text"),
+    # the noise meter: relative IQR of a fixed matrix product timed between the jobs
+    _measured("noise", show="noise", fmt=lambda v, row: "" if number(v) is None else f"{number(v):.0%}"),
     # memory and work
     _measured("peak_mem_bytes", show="peak mem", fmt=_bytes_fmt, label="peak memory (MiB)"),
     _measured("mem_estimate_bytes"),

@@ -33,6 +33,7 @@ import math
 import os
 import pickle
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -43,12 +44,13 @@ from pathlib import Path
 import torch
 
 from .config import BenchConfig
-from .measure import calls_per_job, measure_here
+from .measure import PROBE_KEY, calls_per_job, measure_here
 from .registry import Impl, get_impl
-from .results import base_row, identity, unmeasured
+from .results import base_row, identity, number, unmeasured
+from .stats import NOISE_WARN, interval, spread
 from .tables import append_row, check_writable, done, rows_dir, table_path, write_row_file
 
-__all__ = ["measure", "sweep", "expand", "row_files_enabled", "memory_budget"]
+__all__ = ["measure", "sweep", "combine", "expand", "row_files_enabled", "memory_budget"]
 
 log = logging.getLogger("attnbench")
 
@@ -286,25 +288,112 @@ def _series_key(c: BenchConfig, mode: str | None = None) -> tuple:
             c.heads, c.kv_heads, c.head_dim, c.threads)  # fmt: skip
 
 
-def _measure(c: BenchConfig, impl: Impl, series: list[dict], fwd: list[dict] = ()) -> dict:
-    why, need = guard(c, impl, series, fwd)
+def _measure(c: BenchConfig, impl: Impl, series: list[dict], fwd: list[dict] = (), guarded: bool = True) -> dict:
+    why, need = guard(c, impl, series, fwd) if guarded else (None, None)
     if why:
         row = unmeasured(c, "skipped", *why)
     elif c.isolate:
         row = _measure_isolated(c, impl)
     else:
         row = measure_here(c, impl)
-    row["mem_estimate_bytes"] = need
+    if guarded:
+        row["mem_estimate_bytes"] = need
     return row
 
 
+def combine(rows: Sequence[dict], repeats: int) -> dict:
+    """One row from the repeats of one configuration, in the order they ran: the first
+    that is not ``ok`` (its reason says which repeat; no time of another repeat is
+    kept), else the first row with the time of them all: the median of the per-repeat
+    medians, each of them (``time_ms_repeats``) and the 95% interval they give
+    (:func:`attnbench.stats.interval`); one repeat keeps the interval of its calls."""
+    probes = [x for r in rows for x in r.pop(PROBE_KEY, None) or []]
+    bad = next((r for r in rows if r["status"] != "ok"), None)
+    if bad is not None:
+        if repeats > 1:
+            bad = {**bad, "reason": f"repeat {rows.index(bad) + 1} of {repeats}: {bad['reason']}"}
+        return bad
+    medians = [float(r["time_ms_median"]) for r in rows]  # (repeats,)
+    row = dict(rows[0], time_ms_repeats=" ".join(f"{m:.6g}" for m in medians))
+    if len(rows) > 1:
+        low, high = interval(medians) or (None, None)
+        peaks = [r["peak_mem_bytes"] for r in rows if r.get("peak_mem_bytes") not in (None, "")]
+        row.update(
+            time_ms_median=statistics.median(medians),
+            time_ms_ci_low=low,
+            time_ms_ci_high=high,
+            time_ms_min=min(float(r["time_ms_min"]) for r in rows),
+            time_ms_iqr=statistics.median(float(r["time_ms_iqr"]) for r in rows),  # within one process
+            n_timed=sum(int(r["n_timed"]) for r in rows),
+            first_call_ms=statistics.median(float(r["first_call_ms"]) for r in rows),
+            peak_mem_bytes=max(peaks) if peaks else None,
+            noise=spread(probes),  # pooled: the drift between the repeats counts too
+        )
+        if row.get("flops"):
+            row["tflops"] = row["flops"] / (row["time_ms_median"] * 1e-3) / 1e12
+    return row
+
+
+def _group_key(c: BenchConfig) -> tuple:
+    """What the configurations compared with each other share: all but the implementation."""
+    return (*_series_key(c)[:1], *_series_key(c)[2:], c.seq_len)
+
+
+def _warn_noise(row: dict, warned: list[bool]) -> None:
+    """One warning line, the first time in a sweep that a row's noise passes the threshold."""
+    noise = number(row.get("noise"))
+    if noise is not None and noise > NOISE_WARN and not warned:
+        warned.append(True)
+        log.warning(
+            "attnbench: this machine is noisy: a fixed matrix product timed beside %s n=%s spread %.0f%% (IQR / "
+            "median; warns above %.0f%%): stop other programs, pin threads (threads=, taskset) or raise repeats= "
+            "(now %s), and read the intervals, not the medians", row["impl"], row["seq_len"], 100 * noise,
+            100 * NOISE_WARN, row.get("repeats") or 1,
+        )  # fmt: skip
+
+
+def _measure_groups(
+    todo: list[BenchConfig], impls: dict[str, Impl], history: dict, done: Callable[[BenchConfig, dict], None],
+    step: Callable[[BenchConfig, int], None] = lambda c, r: None,
+) -> None:
+    """Measure ``todo``, ``repeats`` times each, interleaved: the configurations that
+    differ only in the implementation form a group, and a group runs round by round
+    (A B C A B C, not A A B B C C), so a slow minute hits every implementation of it
+    alike; groups run in the order of their first configuration. The guards run on
+    the first round; a repeat that is not ``ok`` ends its configuration's repeats.
+    ``done(c, row)`` gets each configuration's row as soon as its group is measured;
+    ``step(c, r)`` is called before each measurement."""
+    groups: dict[tuple, list[BenchConfig]] = {}
+    for c in todo:
+        groups.setdefault(_group_key(c), []).append(c)
+    warned: list[bool] = []
+    for group in groups.values():
+        runs: dict[int, list[dict]] = {i: [] for i in range(len(group))}
+        for r in range(max(c.repeats for c in group)):
+            for i, c in enumerate(group):
+                if r >= c.repeats or (runs[i] and runs[i][-1]["status"] != "ok"):
+                    continue
+                step(c, r)
+                series = history.setdefault(_series_key(c), [])
+                fwd = history.get(_series_key(c, "fwd"), [])
+                runs[i].append(_measure(c, impls[c.impl], series, fwd, guarded=r == 0))
+        for i, c in enumerate(group):
+            row = combine(runs[i], c.repeats)
+            _warn_noise(row, warned)
+            history.setdefault(_series_key(c), []).append(row)
+            done(c, row)
+
+
 def measure(config: BenchConfig) -> dict:
-    """Guard, verify, time and profile one configuration; one result row (the keys of
-    :data:`attnbench.results.COLUMNS`). Never raises for a failing implementation: the
-    failure is the row's status. Raises ``ValueError`` for an invalid configuration."""
+    """Guard, verify, time and profile one configuration (``repeats`` times); one result
+    row (the columns of :data:`attnbench.results.SCHEMA`). Never raises for a failing
+    implementation: the failure is the row's status. Raises ``ValueError`` for an
+    invalid configuration."""
     c = config.resolved()
     _refuse_nested(c)
-    return _measure(c, get_impl(c.impl), [])
+    out: list[dict] = []
+    _measure_groups([c], {c.impl: get_impl(c.impl)}, {}, lambda c, row: out.append(row))
+    return out[0]
 
 
 def _refuse_nested(c: BenchConfig) -> None:
@@ -361,27 +450,30 @@ def sweep(
             from tqdm import tqdm
 
             bar = tqdm(total=len(todo), desc="attnbench", unit="job", file=sys.stderr)
-    rows = []
+    rows: dict[int, dict] = {}
+
+    def step(c: BenchConfig, r: int) -> None:
+        if bar is not None:
+            bar.set_postfix_str(f"{c.impl} n={c.seq_len} {c.dtype} {c.mode}"
+                                + (f" repeat {r + 1}/{c.repeats}" if c.repeats > 1 else ""))  # fmt: skip
+
+    def done(c: BenchConfig, row: dict) -> None:
+        if use_row_files:
+            write_row_file(rows_dir(c), row)
+        else:
+            append_row(table_path(c), row)
+        rows[id(c)] = row
+        if on_row:
+            on_row(row)
+        if bar is not None:
+            bar.update(1)
+
     try:
-        for c in todo:
-            if bar is not None:
-                bar.set_postfix_str(f"{c.impl} n={c.seq_len} {c.dtype} {c.mode}")
-            series = history.setdefault(_series_key(c), [])
-            row = _measure(c, impls[c.impl], series, history.get(_series_key(c, "fwd"), []))
-            series.append(row)
-            if use_row_files:
-                write_row_file(rows_dir(c), row)
-            else:
-                append_row(table_path(c), row)
-            rows.append(row)
-            if on_row:
-                on_row(row)
-            if bar is not None:
-                bar.update(1)
+        _measure_groups(todo, impls, history, done, step)
     finally:
         if bar is not None:
             bar.close()
-    return rows
+    return [rows[id(c)] for c in todo if id(c) in rows]
 
 
 def _not_done(todo: list[BenchConfig]) -> list[BenchConfig]:

@@ -79,6 +79,7 @@ RUN_CONTROL = {
     "warmup": (3, "untimed calls before the timed ones"),
     "flush_l2": (False, "on a CPU a no-op (the engine's loop either way); on CUDA it picks the timing loop "
                  "(see test_identity_tells_a_cold_l2_from_a_warm_one: a gap there)"),
+    "repeats": (3, "how many fresh processes measure it: the interval narrows, the thing measured is the same"),
     "memory": (False, "whether peak memory is measured at all (an empty column, not another value)"),
     "mem_budget_gb": (3.0, "the guard that skips what would not fit"),
     "mem_budget_fraction": (0.9, "the guard that skips what would not fit"),
