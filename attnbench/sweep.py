@@ -353,7 +353,10 @@ def _warn_noise(row: dict, warned: list[bool]) -> None:
 
 
 def _measure_groups(
-    todo: list[BenchConfig], impls: dict[str, Impl], history: dict, done: Callable[[BenchConfig, dict], None],
+    todo: list[BenchConfig],
+    impls: dict[str, Impl],
+    history: dict,
+    done: Callable[[BenchConfig, dict], None],
     step: Callable[[BenchConfig, int], None] = lambda c, r: None,
 ) -> None:
     """Measure ``todo``, ``repeats`` times each, interleaved: the configurations that
