@@ -57,6 +57,7 @@ from .config import BenchConfig
 from .gpu_warmup import compile_one, triton_compiles
 from .measure import calls_per_job
 from .results import number
+from .stats import VERDICTS, decide, ratio_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = Path(importlib.import_module("attnbench.conf").__file__).parent  # conf/ in a checkout
@@ -774,8 +775,10 @@ def _describe(c: BenchConfig) -> str:
 def verdict(rows: list[dict], target_rows: list[dict] | None = None) -> list[dict]:
     """The verdict from the rows alone: each correctness job of the plan (its latest
     row ok: pass, wrong: FAIL, else missing), then each target of
-    ``conf/gpu_targets.csv`` (measured against required: pass, FAIL, or missing where
-    a row it needs is not ok). Rows are matched on their configuration columns; the
+    ``conf/gpu_targets.csv`` by the interval rule of :func:`attnbench.stats.decide` (pass
+    only when the value's whole 95% interval meets the requirement, FAIL only when the
+    whole interval misses it, else inconclusive), or missing where a row it needs is
+    not ok. Rows are matched on their configuration columns; the
     device and versions they carry are reported, not required to be this machine's.
     ``note`` says why a row is missing, and marks a row from an earlier run than the
     table's latest as stale."""
@@ -799,27 +802,38 @@ def verdict(rows: list[dict], target_rows: list[dict] | None = None) -> list[dic
                     "required": "ok", "status": status, "note": note([r]) if r else "no row"})  # fmt: skip
     for t in target_rows:
         found = [latest.get(_planned_key(_config(t, t[k]), t["stage"])) if t[k] else None for k in ("impl", "baseline")]
-        v, need = _value(t, found), float(t["required"])
-        status = "missing" if v is None else "pass" if (v >= need if t["op"] == ">=" else v <= need) else "FAIL"
+        v = _value(t, found)
+        status = "missing" if v is None else decide(v[1], v[2], t["op"], float(t["required"]))
         absent = [t[k] for k, r in zip(("impl", "baseline"), found) if t[k] and r is None]
         why = "; ".join(filter(None, [f"no row of {', '.join(absent)}" if absent else "", note(found)]))
         out.append({"target": f"{t['target']}, {_describe(_config(t, t['impl']))}",
-                    "measured": "" if v is None else f"{v:.3g}", "required": f"{t['op']} {t['required']}",
+                    "measured": "" if v is None else _measured(v), "required": f"{t['op']} {t['required']}",
                     "status": status, "note": why})  # fmt: skip
     return out
 
 
-def _value(t: dict, found: list[dict | None]) -> float | None:
-    """Target ``t``'s measure from its rows (impl, baseline); None where one it needs is
-    not ok or lacks the value."""
-    col = "time_ms_median" if t["measure"] in ("speedup", "time_ratio") else "peak_mem_bytes"
-    a, b = (number(r[col]) if r is not None and r["status"] == "ok" else None for r in found)
+def _value(t: dict, found: list[dict | None]) -> tuple[float, float, float] | None:
+    """Target ``t``'s measure from its rows (impl, baseline) with its 95% interval
+    (:func:`attnbench.stats.ratio_interval`; a memory measure has none: low = high);
+    None where a row it needs is not ok or lacks the value."""
+    a, b = (r if r is not None and r["status"] == "ok" else None for r in found)
+    if t["measure"] in ("speedup", "time_ratio"):
+        if a is None or b is None:
+            return None
+        return ratio_interval(b, a) if t["measure"] == "speedup" else ratio_interval(a, b)
+    ma, mb = (number(r["peak_mem_bytes"]) if r is not None else None for r in (a, b))
     if t["measure"] == "extra_memory":  # the peak over the output and two fp32 per row (a row's max and 1/sum)
         c = _config(t, t["impl"])
-        b = c.batch * c.heads * c.seq_len * (c.head_dim * c.torch_dtype().itemsize + 8)
-    if not (a and b):
+        mb = c.batch * c.heads * c.seq_len * (c.head_dim * c.torch_dtype().itemsize + 8)
+    if not (ma and mb):
         return None
-    return b / a if t["measure"] == "speedup" else a / b
+    return ma / mb, ma / mb, ma / mb
+
+
+def _measured(v: tuple[float, float, float]) -> str:
+    """A target's value, with its interval where it has one."""
+    x, lo, hi = v
+    return f"{x:.3g} [{lo:.3g}, {hi:.3g}]" if hi > lo else f"{x:.3g}"
 
 
 def write_verdict(folder: Path, lines: list[dict]) -> None:
@@ -830,9 +844,10 @@ def write_verdict(folder: Path, lines: list[dict]) -> None:
 
 
 def verdict_text(lines: list[dict]) -> str:
-    counts = {s: sum(r["status"] == s for r in lines) for s in ("pass", "FAIL", "missing")}
-    head = f"Verdict: {counts['pass']} pass, {counts['FAIL']} FAIL, {counts['missing']} missing of {len(lines)}"
-    body = [f"  {r['status']:7s} {r['target'][:100]:100s} {r['measured']:>8s} {r['required']:>8s}"
+    counts = {s: sum(r["status"] == s for r in lines) for s in (*VERDICTS, "missing")}
+    head = (f"Verdict: {counts['pass']} pass, {counts['FAIL']} FAIL, {counts['inconclusive']} inconclusive, "
+            f"{counts['missing']} missing of {len(lines)}")  # fmt: skip
+    body = [f"  {r['status']:12s} {r['target'][:100]:100s} {r['measured']:>20s} {r['required']:>8s}"
             + (f"  ({r['note'][:120]})" if r["note"] and r["status"] != "pass" or "stale" in r["note"] else "")
             for r in lines]  # fmt: skip
     return "\n".join([head, *body])

@@ -16,8 +16,10 @@ process isolation live in :mod:`attnbench.sweep`; this module never decides to s
    the bwd modes check the gradients the same way, at the measured size (so the kernels
    verified are the ones timed, autotuned choices included). A failure is ``wrong`` and
    gets no time.
-3. **time** (:func:`time_fn`): repeated calls for ``time_budget_s``; CUDA through
-   ``triton.testing.do_bench`` (L2 flushed before each call), else the engine's loop.
+3. **time** (:func:`time_fn`): first the noise probe (:func:`noise_probe`, the row's
+   ``noise``), then repeated calls for ``time_budget_s``; CUDA through
+   ``triton.testing.do_bench`` (L2 flushed before each call), else the engine's loop;
+   the median with the 95% interval of the calls (:func:`attnbench.stats.interval`).
 4. **memory**, in a call of its own: CUDA ``max_memory_allocated`` minus what was
    allocated before the call; CPU the resident-set high-water mark, reset just before
    the call, minus the resident set before it (exact in a fresh process with large

@@ -51,10 +51,11 @@ from .model import baseline_of
 from .profile import CATEGORIES, breakdown
 from .registry import list_impls
 from .results import column as schema_column
+from .stats import ratio_interval
 from .tables import ResultsError, load, report_written
 
 __all__ = ["PALETTE", "MAX_PATTERNS_PER_FIGURE", "ResultsError", "load_results", "filter_results", "fit_exponent",
-           "impl_color", "impl_order", "REASON_WORDS", "short_reason", "pivot_results", "ratio_table",
+           "impl_color", "impl_order", "REASON_WORDS", "short_reason", "pivot_results", "ratio_table", "ratio_text",
            "scaling_figures", "ratio_figure", "model_figure", "breakdown_figure", "plot_scaling", "plot_ratios",
            "write_model_figure", "write_breakdown", "FIGURE_WRITERS", "auto_figure", "write_figure", "main",
 ]  # fmt: skip
@@ -190,6 +191,8 @@ class _Line:
         ok = rows[rows["status"] == "ok"]
         self.n = ok["seq_len"].to_numpy()
         self.time = ok["time_ms_median"].to_numpy()
+        self.low = ok["time_ms_ci_low"].to_numpy(dtype=float)  # the 95% interval (NaN: none)
+        self.high = ok["time_ms_ci_high"].to_numpy(dtype=float)
         self.mem = ok["peak_mem_bytes"].to_numpy()
         after = rows[(rows["status"] != "ok") & (rows["seq_len"] > (self.n.max() if len(self.n) else 0))]
         first = after.iloc[0] if len(after) else None
@@ -208,17 +211,37 @@ def pivot_results(df: pd.DataFrame, column: str = "time_ms_median", scale: float
 
 
 def ratio_table(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
-    """Speed-up (baseline time / time) and memory ratio (baseline memory / memory) of every
+    """Speed-up (baseline time / time) with its 95% interval (:func:`attnbench.stats.ratio_interval`:
+    ``speedup_low``, ``speedup_high``) and memory ratio (baseline memory / memory) of every
     other implementation, where both are ok, on the same device, dtype, mode, pattern, shape."""
     if baseline not in set(df["impl"]):
         raise ResultsError(f"baseline {baseline!r} is not in the table (impls: {', '.join(impl_order(df['impl']))})")
     keys = ["device_name", "dtype", "mode", "pattern", *SHAPE_KEYS, "seq_len"]
     ok = df[df["status"] == "ok"]
-    base = ok[ok["impl"] == baseline][[*keys, "time_ms_median", "peak_mem_bytes"]]
-    both = ok[ok["impl"] != baseline].merge(base, on=keys, suffixes=("", "_base"))
-    both["speedup"] = both["time_ms_median_base"] / both["time_ms_median"]
-    both["mem_ratio"] = both["peak_mem_bytes_base"] / both["peak_mem_bytes"]
-    return both[["impl", *keys, "speedup", "mem_ratio"]].reset_index(drop=True)
+    base = {tuple(r[k] for k in keys): r for r in ok[ok["impl"] == baseline].to_dict("records")}
+    out = []
+    for r in ok[ok["impl"] != baseline].to_dict("records"):
+        b = base.get(tuple(r[k] for k in keys))
+        if b is None:
+            continue
+        speedup, low, high = ratio_interval(b, r)
+        out.append({"impl": r["impl"], **{k: r[k] for k in keys}, "speedup": speedup, "speedup_low": low,
+                    "speedup_high": high, "mem_ratio": b["peak_mem_bytes"] / r["peak_mem_bytes"]})  # fmt: skip
+    columns = ["impl", *keys, "speedup", "speedup_low", "speedup_high", "mem_ratio"]
+    return pd.DataFrame(out, columns=columns)
+
+
+def ratio_text(table: pd.DataFrame, baseline: str) -> str:
+    """The ratio table as the terminal shows it: each speed-up with its 95% interval."""
+    if table.empty:
+        return f"(no implementation measured beside {baseline})"
+    head = f"speed-up over {baseline} [95% interval]"
+    spans = zip(table["speedup"], table["speedup_low"], table["speedup_high"])
+    cells = table.assign(**{head: [f"{s:.3g}x " + (f"[{lo:.3g}, {hi:.3g}]" if hi > lo else "(no interval)")
+                                   for s, lo, hi in spans],
+                            "memory ratio": [f"{m:.3g}x" for m in table["mem_ratio"]]})  # fmt: skip
+    cols = ["impl", "pattern", "dtype", "mode", "seq_len", head, "memory ratio"]
+    return cells[cols].rename(columns={"seq_len": "n"}).to_string(index=False)
 
 
 # ---------------------------------------------------------------------- drawing
@@ -260,7 +283,7 @@ def _scaling_figure(sub: pd.DataFrame, title: str, dpi: int) -> Figure:
     fig = Figure(figsize=(11, 3.9 * len(devices) + 0.5 + bottom_in), dpi=dpi)
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(devices), 2, squeeze=False, sharex=True)
-    handles, dropped, drawn, fitted = {}, [], set(), False
+    handles, dropped, drawn, fitted, banded = {}, [], set(), False, False
     for row, device in zip(axes, devices):
         panels = ((row[0], "time", 1.0, schema_column("time_ms_median").label),
                   (row[1], "mem", 2**20, schema_column("peak_mem_bytes").label))  # fmt: skip
@@ -282,6 +305,9 @@ def _scaling_figure(sub: pd.DataFrame, title: str, dpi: int) -> Figure:
                     color = impl_color(impl, impls)
                     style = dict(color=color, ls=ls, marker=marker, ms=4, lw=1.5, mfc=color if filled else "white")
                     ax.plot(line.n[good], vals[good], **style)
+                    if what == "time" and np.isfinite(line.low[good]).any():  # the 95% intervals, as a band
+                        ax.fill_between(line.n[good], line.low[good], line.high[good], color=color, alpha=0.18, lw=0)
+                        banded = True
                     drawn.add(pattern)
                     if line.stop:
                         ax.plot(line.n[good][-1], vals[good][-1], marker="X", ms=9, color=color, mec="white", zorder=4)
@@ -309,6 +335,8 @@ def _scaling_figure(sub: pd.DataFrame, title: str, dpi: int) -> Figure:
     fig.legend(handles=[*handles.values(), stop], loc="upper center", ncol=2, fontsize=7.5, frameon=False,
                bbox_to_anchor=(0.5, (bottom_in - 0.15) / height), title=title_)  # fmt: skip
     notes = [_explain_patterns(drawn)] + (["no ok point: " + "; ".join(dropped)] if dropped else [])
+    if banded:
+        notes.append(_INTERVAL_NOTE.format(_repeats_text(sub)))
     fig.text(0.01, 0.008, "\n".join(n for n in notes if n), fontsize=7.5, color="#555555", va="bottom")
     fig.suptitle(title, fontsize=10)
     fig.subplots_adjust(left=0.07, right=0.98, top=1 - 0.62 / height, bottom=(bottom_in + 0.5) / height, wspace=0.22,
@@ -358,6 +386,9 @@ def ratio_figure(df: pd.DataFrame, baseline: str, *, dpi: int = 110) -> Figure:
             part = part.sort_values("seq_len")
             ax.plot(part["seq_len"], part[column], ls=ls, marker=marker, color=color, mfc=color if filled else "white",
                     label=f"{impl} {pattern}")  # fmt: skip
+            if column == "speedup":
+                ax.fill_between(part["seq_len"], part["speedup_low"], part["speedup_high"], color=color, alpha=0.18,
+                                lw=0)  # fmt: skip
         if not table.empty:
             _log_axes(ax, table["seq_len"], label)
             ax.axhline(1.0, color="#444444", lw=0.8)
@@ -366,8 +397,21 @@ def ratio_figure(df: pd.DataFrame, baseline: str, *, dpi: int = 110) -> Figure:
             ax.set_title(f"{baseline} stops at {_fmt_n(stop[0])}: {stop[1]}", fontsize=8.5)
     axes[1].legend(fontsize=7.5, frameon=False, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(f"Against {baseline} ({_shape(df)}); {_explain_patterns(table['pattern'])}", fontsize=8.5)
-    fig.subplots_adjust(left=0.07, right=0.78, wspace=0.3, top=0.85, bottom=0.14)
+    fig.text(0.01, 0.01, _INTERVAL_NOTE.format(_repeats_text(df)), fontsize=7.5, color="#555555", va="bottom")
+    fig.subplots_adjust(left=0.07, right=0.78, wspace=0.3, top=0.85, bottom=0.18)
     return fig
+
+
+_INTERVAL_NOTE = "bands and bars: 95% intervals ({})"
+
+
+def _repeats_text(df: pd.DataFrame) -> str:
+    """How the ok rows' intervals were obtained: repeats, or the calls of one process."""
+    reps = sorted({int(x) for x in pd.to_numeric(df.loc[df["status"] == "ok", "repeats"], errors="coerce").dropna()})
+    many = [r for r in reps if r > 1]
+    return ("from " + "/".join(map(str, many)) + " fresh processes a point" if many else "") + (
+        ("; " if many else "") + "from the calls of one process where measured once" if 1 in reps or not reps else ""
+    )
 
 
 def _sparse_label(v: float, _pos: int) -> str:
@@ -395,8 +439,11 @@ def model_figure(df: pd.DataFrame, *, dpi: int = 110) -> Figure | None:
     axes = fig.subplots(1, len(modes), squeeze=False)[0]
     for ax, mode in zip(axes, modes):
         sub = df[df["mode"] == mode]
-        base = ok[(ok["mode"] == mode) & (ok["impl"] == baseline)].set_index(["where", "seq_len"])["time_ms_median"]
-        both = [n for n in sorted(set(sub["seq_len"])) if ("attention", n) in base.index and ("model", n) in base.index]
+        base = {
+            (r["where"], r["seq_len"]): r
+            for r in ok[(ok["mode"] == mode) & (ok["impl"] == baseline)].to_dict("records")
+        }
+        both = [n for n in sorted(set(sub["seq_len"])) if ("attention", n) in base and ("model", n) in base]
         if not both:
             ax.text(0.5, 0.5, f"{mode}: no n where {baseline} was measured\nboth alone and inside the model",
                     ha="center", va="center", transform=ax.transAxes, color="#777777")  # fmt: skip
@@ -412,9 +459,12 @@ def model_figure(df: pd.DataFrame, *, dpi: int = 110) -> Figure | None:
                 if r.empty or r.iloc[-1]["status"] != "ok":
                     why[where] = _row_reason(r.iloc[-1]) if len(r) else "not measured"
                     continue
-                speedup = base[(where, n)] / r.iloc[-1]["time_ms_median"]
+                speedup, low, high = ratio_interval(base[(where, n)], r.iloc[-1].to_dict())
                 ax.bar(x + dx, speedup, 0.38, color=impl_color(impl), hatch=hatch, edgecolor="white")
-                ax.text(x + dx, speedup, f"{speedup:.2g}", ha="center", va="bottom", fontsize=7)
+                if high > low:  # the 95% interval
+                    ax.errorbar(x + dx, speedup, yerr=[[speedup - low], [high - speedup]], fmt="none", ecolor="#333333",
+                                elinewidth=0.8, capsize=2)  # fmt: skip
+                ax.text(x + dx + 0.02, high, f"{speedup:.2g}", ha="center", va="bottom", fontsize=7)
             if len(set(why.values())) == 1 and len(why) == 2:  # no bar at all, for one reason
                 missing.append(f"{impl}: {why['attention']}")
             elif why:
@@ -430,7 +480,7 @@ def model_figure(df: pd.DataFrame, *, dpi: int = 110) -> Figure | None:
             note = textwrap.fill("no bar: " + "; ".join(missing), 80)
             ax.text(0.0, -0.22, note, transform=ax.transAxes, va="top", fontsize=7, color="#555555")
     r = df.iloc[0]
-    fig.suptitle(f"{model}; {r['device_name']}, {r['dtype']}", fontsize=9)
+    fig.suptitle(f"{model}; {r['device_name']}, {r['dtype']}; {_INTERVAL_NOTE.format(_repeats_text(df))}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -593,6 +643,7 @@ def main(argv: list[str] | None = None) -> int:
             ratio_table(df, a.baseline)  # an unknown baseline fails before anything is drawn
         paths = plot_scaling(df, out, per_pattern=a.per_pattern or None, dpi=a.dpi)
         if a.baseline:
+            print(ratio_text(ratio_table(df, a.baseline), a.baseline))
             paths.append(plot_ratios(df, a.baseline, out.with_name(f"{out.stem}-vs-{a.baseline}.png"), dpi=a.dpi))
         return paths
 

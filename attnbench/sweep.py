@@ -19,6 +19,11 @@ an out-of-memory kill or a hang (``job_timeout_s``) costs one row, never the swe
 child dies with its parent, and it imports the module that registered the
 implementation (the parent's script too, as ``multiprocessing`` does: guard a script's
 own measurements with ``if __name__ == "__main__":``).
+
+With ``repeats=N`` each configuration is measured N times, each in a fresh child (in
+this process with ``isolate=false``), interleaved with the configurations it is
+compared with (:func:`_measure_groups`); :func:`combine` makes their one row, with the
+95% interval of :mod:`attnbench.stats`, and a noisy machine is named in one warning.
 """
 
 from __future__ import annotations
