@@ -270,6 +270,7 @@ VERIFY_S = {"fwd": 0.3, "bwd": 1.0, "fwd_bwd": 1.0}  # sampled reference rows (a
 WORKER_START_S = 6.0  # Python, torch and a CUDA context
 POOL_START_S = 4.0  # a pool's processes import torch and triton
 GPU_TESTS_S = 25.0  # pytest -m gpu with the kernels warm
+PROBE_S = 0.05  # the noise probe before a job's timed calls: ten 8192 x 8192 bf16 products, ~2 ms each
 FLEX_PROCS = 4  # flex graphs compiled at once in the warm-up (at most one per 4 cores)
 TFLOPS = {"triton": 150, "flash_attn": 300, "flex": 100, "cupy": 25, "chunked": 30, "hf_longformer": 20,
           "sdpa": 150, "naive": 80, "loop": 0.05}  # fmt: skip
@@ -363,7 +364,7 @@ class Estimator:
         if c.impl in DENSE:
             work *= c.heads * c.seq_len**2 / c.pattern().pairs(c.seq_len, c.heads)
         per_call = work / (TFLOPS.get(c.impl, 30) * 1e12)
-        t += VERIFY_S[c.mode] + per_call * (calls_per_job(c) + (c.mode != "fwd")) + c.time_budget_s + 0.2
+        t += VERIFY_S[c.mode] + PROBE_S + per_call * (calls_per_job(c) + (c.mode != "fwd")) + c.time_budget_s + 0.2
         return min(t, c.job_timeout_s)
 
     @staticmethod

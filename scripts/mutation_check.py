@@ -147,6 +147,30 @@ MUTATIONS = [
         "self_us / 1e6",
         ("tests/test_blind_spots.py", "-k", "profile_self_time"),
     ),
+    Mutation(
+        "verdict-on-the-value",
+        "a target passes when the ratio itself meets it, whatever its interval",
+        "attnbench/stats.py",
+        'return "pass" if low >= required else',
+        'return "pass" if (low + high) / 2 >= required else',
+        ("tests/test_stats.py", "-k", "decide or verdict"),
+    ),
+    Mutation(
+        "repeats-not-interleaved",
+        "each configuration's repeats run back to back (A A A B B B)",
+        "attnbench/sweep.py",
+        "groups.setdefault(_group_key(c), []).append(c)",
+        "groups.setdefault((_group_key(c), c.impl), []).append(c)",
+        ("tests/test_stats.py", "-k", "interleaves"),
+    ),
+    Mutation(
+        "first-repeat-only",
+        "a row keeps the first repeat's median instead of the median of the repeats",
+        "attnbench/sweep.py",
+        "time_ms_median=statistics.median(medians),",
+        "time_ms_median=medians[0],",
+        ("tests/test_stats.py", "-k", "combine"),
+    ),
 ]
 
 
