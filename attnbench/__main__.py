@@ -328,7 +328,10 @@ def main() -> None:
         hydra.main(config_path=f"pkg://{CONFIG_MODULE}", config_name="config", version_base="1.3")(_task)()
         if _LOGGING:
             logging.config.dictConfig(_LOGGING)
-        for (resume, use_files), configs in _PENDING.items():
+        pending = dict(_PENDING)
+        _PENDING.clear()
+        _LOGGING.clear()
+        for (resume, use_files), configs in pending.items():
             _run(configs, resume, use_files)
         if _FAILED:
             raise SystemExit(1)

@@ -834,6 +834,8 @@ def _value(t: dict, found: list[dict | None]) -> tuple[float, float, float] | No
 def _measured(v: tuple[float, float, float]) -> str:
     """A target's value, with its interval where it has one."""
     x, lo, hi = v
+    if lo != lo:  # NaN: a row without an interval
+        return f"{x:.3g} (no interval)"
     return f"{x:.3g} [{lo:.3g}, {hi:.3g}]" if hi > lo else f"{x:.3g}"
 
 

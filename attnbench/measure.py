@@ -289,6 +289,18 @@ def noise_probe(device: str) -> list[float]:
     return times
 
 
+def _probe(device: str) -> list[float]:
+    """:func:`noise_probe`, or no times where it fails (its failure is not the row's)."""
+    try:
+        return noise_probe(device)
+    except Exception as e:  # e.g. no memory left for its matrices beside the case's inputs
+        log.info("noise probe failed (%s: %s); the row has no noise figure", type(e).__name__, e)
+        return []
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def calls_per_job(c: BenchConfig) -> int:
     """About how many calls one measurement makes beyond its timed ones: the first call,
     verification (and its backward), the warm-up (do_bench's estimate: 5 more), memory."""
@@ -367,7 +379,7 @@ def measure_here(c: BenchConfig, impl: Impl) -> dict:
         del out
         _trim()
         log.info("%s: timing", label)
-        probe = noise_probe(c.device)  # the machine's steadiness, just before the timed calls
+        probe = _probe(c.device)  # the machine's steadiness, just before the timed calls
         row.update(time_calls(case), noise=spread(probe), **{PROBE_KEY: probe})
         if c.memory:
             _trim()

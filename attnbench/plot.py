@@ -51,6 +51,7 @@ from .model import baseline_of
 from .profile import CATEGORIES, breakdown
 from .registry import list_impls
 from .results import column as schema_column
+from .results import number
 from .stats import ratio_interval
 from .tables import ResultsError, load, report_written
 
@@ -225,8 +226,9 @@ def ratio_table(df: pd.DataFrame, baseline: str) -> pd.DataFrame:
         if b is None:
             continue
         speedup, low, high = ratio_interval(b, r)
+        mb, mr = number(b["peak_mem_bytes"]), number(r["peak_mem_bytes"])
         out.append({"impl": r["impl"], **{k: r[k] for k in keys}, "speedup": speedup, "speedup_low": low,
-                    "speedup_high": high, "mem_ratio": b["peak_mem_bytes"] / r["peak_mem_bytes"]})  # fmt: skip
+                    "speedup_high": high, "mem_ratio": mb / mr if mb is not None and mr else math.nan})  # fmt: skip
     columns = ["impl", *keys, "speedup", "speedup_low", "speedup_high", "mem_ratio"]
     return pd.DataFrame(out, columns=columns)
 
@@ -237,9 +239,9 @@ def ratio_text(table: pd.DataFrame, baseline: str) -> str:
         return f"(no implementation measured beside {baseline})"
     head = f"speed-up over {baseline} [95% interval]"
     spans = zip(table["speedup"], table["speedup_low"], table["speedup_high"])
-    cells = table.assign(**{head: [f"{s:.3g}x " + (f"[{lo:.3g}, {hi:.3g}]" if hi > lo else "(no interval)")
+    cells = table.assign(**{head: [f"{s:.3g}x " + ("(no interval)" if lo != lo else f"[{lo:.3g}, {hi:.3g}]")
                                    for s, lo, hi in spans],
-                            "memory ratio": [f"{m:.3g}x" for m in table["mem_ratio"]]})  # fmt: skip
+                            "memory ratio": [f"{m:.3g}x" if m == m else "-" for m in table["mem_ratio"]]})  # fmt: skip
     cols = ["impl", "pattern", "dtype", "mode", "seq_len", head, "memory ratio"]
     return cells[cols].rename(columns={"seq_len": "n"}).to_string(index=False)
 
@@ -461,10 +463,11 @@ def model_figure(df: pd.DataFrame, *, dpi: int = 110) -> Figure | None:
                     continue
                 speedup, low, high = ratio_interval(base[(where, n)], r.iloc[-1].to_dict())
                 ax.bar(x + dx, speedup, 0.38, color=impl_color(impl), hatch=hatch, edgecolor="white")
-                if high > low:  # the 95% interval
+                if high == high:  # the 95% interval (NaN: none)
                     ax.errorbar(x + dx, speedup, yerr=[[speedup - low], [high - speedup]], fmt="none", ecolor="#333333",
                                 elinewidth=0.8, capsize=2)  # fmt: skip
-                ax.text(x + dx + 0.02, high, f"{speedup:.2g}", ha="center", va="bottom", fontsize=7)
+                top = high if high == high else speedup
+                ax.text(x + dx + 0.02, top, f"{speedup:.2g}", ha="center", va="bottom", fontsize=7)
             if len(set(why.values())) == 1 and len(why) == 2:  # no bar at all, for one reason
                 missing.append(f"{impl}: {why['attention']}")
             elif why:

@@ -315,7 +315,7 @@ def combine(rows: Sequence[dict], repeats: int) -> dict:
     probes = [x for r in rows for x in r.pop(PROBE_KEY, None) or []]
     bad = next((r for r in rows if r["status"] != "ok"), None)
     if bad is not None:
-        if repeats > 1:
+        if rows.index(bad):  # after ok repeats (a refusal by the guards comes first, before any repeat)
             bad = {**bad, "reason": f"repeat {rows.index(bad) + 1} of {repeats}: {bad['reason']}"}
         return bad
     medians = [float(r["time_ms_median"]) for r in rows]  # (repeats,)
@@ -369,8 +369,8 @@ def _measure_groups(
     (A B C A B C, not A A B B C C), so a slow minute hits every implementation of it
     alike; groups run in the order of their first configuration. The guards run on
     the first round; a repeat that is not ``ok`` ends its configuration's repeats.
-    ``done(c, row)`` gets each configuration's row as soon as its group is measured;
-    ``step(c, r)`` is called before each measurement."""
+    ``done(c, row)`` gets each configuration's row as soon as its last repeat is
+    measured; ``step(c, r)`` is called before each measurement."""
     groups: dict[tuple, list[BenchConfig]] = {}
     for c in todo:
         groups.setdefault(_group_key(c), []).append(c)
@@ -384,12 +384,13 @@ def _measure_groups(
                 step(c, r)
                 series = history.setdefault(_series_key(c), [])
                 fwd = history.get(_series_key(c, "fwd"), [])
-                runs[i].append(_measure(c, impls[c.impl], series, fwd, guarded=r == 0))
-        for i, c in enumerate(group):
-            row = combine(runs[i], c.repeats)
-            _warn_noise(row, warned)
-            history.setdefault(_series_key(c), []).append(row)
-            done(c, row)
+                how = c if r == 0 else dataclasses.replace(c, profile=False)  # one profile, the first repeat's
+                runs[i].append(_measure(how, impls[c.impl], series, fwd, guarded=r == 0))
+                if r == c.repeats - 1 or runs[i][-1]["status"] != "ok":  # its last: its row, written now
+                    row = combine(runs[i], c.repeats)
+                    _warn_noise(row, warned)
+                    series.append(row)  # the group's other configurations are other series
+                    done(c, row)
 
 
 def measure(config: BenchConfig) -> dict:

@@ -151,6 +151,21 @@ def test_cli_sweep_end_to_end(tmp_path):
     assert all(x["status"] == "ok" for x in rows), [x["reason"] for x in rows]
 
 
+def test_a_multirun_with_repeats_is_one_interleaved_sweep_with_intervals(tmp_path):
+    """The jobs of -m are measured together once Hydra has formed them: one table on the
+    terminal, with the interval, and rows holding each repeat's median."""
+    args = ["-m", "impl=naive,chunked", "seq_len=64", *TINY, "repeats=2", "study=rep", f"results_dir={tmp_path}"]
+    r = _cli(args, tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("95% CI ms") == 1 and r.stdout.count("results: ") == 1, r.stdout
+    rows = read_rows(tmp_path / "rep.csv")
+    assert [x["impl"] for x in rows] == ["naive", "chunked"], rows
+    for x in rows:
+        assert x["status"] == "ok" and x["repeats"] == "2" and len(x["time_ms_repeats"].split()) == 2, x
+        assert float(x["time_ms_ci_low"]) <= float(x["time_ms_median"]) <= float(x["time_ms_ci_high"]), x
+        assert x["noise"], x
+
+
 def test_multirun_jobs_get_the_predictive_guard(tmp_path):
     """Jobs of a -m sweep run one after another in one process and share the series'
     history: the last is skipped on the strength of what the first ones measured, not

@@ -46,18 +46,20 @@ def test_the_interval_is_t_on_the_logs_centred_on_the_median():
     xs = [100.0, 110.0, 121.0]
     lo, hi = stats.interval(xs)
     logs = [math.log(x) for x in xs]
-    half = 4.3027 * (sum((v - sum(logs) / 3) ** 2 for v in logs) / 2) ** 0.5 / math.sqrt(3)
+    half = 4.3027 * math.sqrt(math.pi / 2) * (sum((v - sum(logs) / 3) ** 2 for v in logs) / 2) ** 0.5 / math.sqrt(3)
     assert (lo, hi) == pytest.approx((110 * math.exp(-half), 110 * math.exp(half)))
     assert stats.interval([5.0]) is None and stats.interval([1.0, 0.0]) is None
     assert stats.interval([3.0, 3.0, 3.0]) == (3.0, 3.0)
 
 
-def test_the_interval_covers_the_truth_about_95_percent_of_the_time():
-    """Three lognormal repeats, 2000 times: the interval holds the true median ~95% of the time."""
-    rng = random.Random(0)
-    spans = [stats.interval([10.0 * math.exp(rng.gauss(0, 0.2)) for _ in range(3)]) for _ in range(2000)]
-    hits = sum(lo <= 10.0 <= hi for lo, hi in spans)
-    assert 0.92 < hits / 2000 < 0.98, hits / 2000
+@pytest.mark.parametrize("n", [3, 5, 50])
+def test_the_interval_covers_the_truth_95_percent_of_the_time(n):
+    """n lognormal samples, 4000 times: the interval holds the true median 95% of the time
+    (a little more for few samples, where the median's sqrt(pi/2) is generous)."""
+    rng = random.Random(n)
+    spans = [stats.interval([10.0 * math.exp(rng.gauss(0, 0.2)) for _ in range(n)]) for _ in range(4000)]
+    cover = sum(lo <= 10.0 <= hi for lo, hi in spans) / 4000
+    assert 0.94 < cover < 0.985, cover
 
 
 def _row(samples: list[float], **kw) -> dict:
@@ -74,8 +76,11 @@ def test_a_ratio_interval_combines_both_rows_and_widens_with_either():
     noisier = _row([20.0, 28.0, 15.0, 20.5])
     _, lo2, hi2 = stats.ratio_interval(noisier, b)
     assert lo2 < lo and hi2 > hi
-    old = {"status": "ok", "time_ms_median": 10.0}  # a table from before intervals
-    assert stats.ratio_interval(old, old) == (1.0, 1.0, 1.0)
+    old = {"status": "ok", "time_ms_median": 10.0}  # a table from before intervals: no interval, either side
+    for pair in ((old, old), (old, b), (a, old)):
+        r, lo, hi = stats.ratio_interval(*pair)
+        assert math.isnan(lo) and math.isnan(hi)
+        assert stats.decide(lo, hi, ">=", 0.1) == "inconclusive"
     assert stats.ratio_interval({"time_ms_median": ""}, b) is None
 
 
@@ -161,7 +166,7 @@ class VirtualClock:
         self.now += seconds * self.jitter()
 
 
-@pytest.mark.parametrize(("sigma", "want", "warns"), [(0.0, "pass", False), (0.6, "inconclusive", True)])
+@pytest.mark.parametrize(("sigma", "want", "warns"), [(0.002, "pass", False), (0.6, "inconclusive", True)])
 def test_a_noisy_clock_warns_and_leaves_the_verdict_inconclusive(monkeypatch, throwaway, caplog, sigma, want, warns):
     """Two synthetic implementations, one 1.5x the other's cost, timed by the engine on a
     virtual clock: quiet, the speed-up (1.5 ms + a read over 1 ms + a read = 1.25x) passes
@@ -185,7 +190,9 @@ def test_a_noisy_clock_warns_and_leaves_the_verdict_inconclusive(monkeypatch, th
         slow, fast = (measure_row(c) for c in configs)
     assert ("this machine is noisy" in caplog.text) == warns, caplog.text
     speedup = stats.ratio_interval(slow, fast)
-    assert speedup[0] == pytest.approx(1.25, rel=0.6 if sigma else 1e-9)
+    assert speedup[1] < speedup[2], speedup  # an interval, from the repeats, in either case
+    if want == "pass":
+        assert speedup[0] == pytest.approx(1.25, rel=0.01)
     assert stats.decide(speedup[1], speedup[2], ">=", 1.1) == want, (speedup, format_rows([slow, fast]))
 
 
@@ -209,3 +216,38 @@ def test_a_sweep_interleaves_the_implementations_of_each_configuration(monkeypat
     assert firsts == [("interleave_a", 32), ("interleave_b", 32)] * 2 + [("interleave_a", 64), ("interleave_b", 64)] * 2
     assert [r["impl"] for r in rows] == ["interleave_a", "interleave_a", "interleave_b", "interleave_b"]  # as asked
     assert all(r["repeats"] == 2 and len(r["time_ms_repeats"].split()) == 2 for r in rows)
+
+
+def test_a_failed_repeat_ends_the_configuration_and_its_row_says_which(throwaway, tmp_path):
+    """The second repeat raises: no third is run, and the row is that failure."""
+    calls = []
+
+    def flaky(q, k, v, pattern, scale):
+        calls.append(1)
+        if len(calls) > 2:  # each repeat: a first call and one timed call
+            raise RuntimeError("boom")
+        return q.clone()
+
+    throwaway("flaky", flaky)
+    c = BenchConfig(impl="flaky", seq_len=32, heads=1, head_dim=8, window=4, device="cpu", isolate=False, verify=False,
+                    memory=False, time_budget_s=0.0, min_reps=1, max_reps=1, warmup=0, repeats=3, study="f",
+                    results_dir=str(tmp_path))  # fmt: skip
+    (row,) = sweep([c], progress=False)
+    assert row["status"] == "error" and row["reason"].startswith("repeat 2 of 3: RuntimeError: boom"), row["reason"]
+    assert len(calls) == 3 and not row.get("time_ms_median")
+
+
+def test_ratios_of_an_old_table_and_of_a_zero_peak_are_drawn_without_intervals(tmp_path):
+    """A table from before intervals (no interval columns) and a peak of 0 bytes: the
+    ratio table says so instead of failing."""
+    import pandas as pd
+
+    from attnbench.plot import ratio_table, ratio_text
+
+    base = {"device_name": "cpu", "dtype": "fp32", "mode": "fwd", "pattern": "w8", "batch": 1, "heads": 1,
+            "head_dim": 8, "seq_len": 64, "status": "ok"}  # fmt: skip
+    df = pd.DataFrame([{**base, "impl": "naive", "time_ms_median": 2.0, "peak_mem_bytes": 100.0},
+                       {**base, "impl": "chunked", "time_ms_median": 1.0, "peak_mem_bytes": 0.0}])  # fmt: skip
+    table = ratio_table(df, "naive")
+    assert table["speedup"].tolist() == [2.0] and math.isnan(table["mem_ratio"][0])
+    assert "2x (no interval)" in ratio_text(table, "naive")
