@@ -260,8 +260,10 @@ _VERDICT_TARGETS = [
 
 
 def _h100_row(c, ms, peak, **kw):
+    """A row as do_bench's 100 calls give it, its 95% interval 1% a side."""
     row = base_row(dataclasses.replace(c, **gpu_check.STAGE_SETTINGS[c.study]))
-    row.update({"status": "ok", "time_ms_median": ms, "peak_mem_bytes": peak, "device_name": "NVIDIA H100 80GB HBM3",
+    row.update({"status": "ok", "time_ms_median": ms, "time_ms_ci_low": ms * 0.99, "time_ms_ci_high": ms * 1.01,
+                "n_timed": 100, "peak_mem_bytes": peak, "device_name": "NVIDIA H100 80GB HBM3",
                 "torch_version": "2.11.0+cu130", "triton_version": "3.6.0", "threads": 16, **kw})  # fmt: skip
     return row
 
@@ -284,7 +286,7 @@ def _verdict_rows(tmp_path):
 def test_verdict_judges_each_target_from_rows_of_another_machine(tmp_path):
     lines = gpu_check.verdict(_verdict_rows(tmp_path), _VERDICT_TARGETS)
     got = {r["target"].split(",")[0]: r for r in reversed(lines)}  # the first of each name
-    assert got["faster"]["status"] == "pass" and got["faster"]["measured"] == "1.3"
+    assert got["faster"]["status"] == "pass" and got["faster"]["measured"] == "1.3 [1.28, 1.32]"
     assert "stale: from run run-1" in got["faster"]["note"]  # flex's row is the earlier run's
     assert got["lean"]["status"] == "pass" and got["lean"]["measured"] == "1" and not got["lean"]["note"]
     assert got["absent"]["status"] == "missing" and "sdpa: skipped: over the time budget" in got["absent"]["note"]
@@ -302,7 +304,7 @@ def test_verdict_only_recomputes_the_file_and_says_what_it_cannot(tmp_path, caps
     assert gpu_check.main(["--verdict-only", str(tmp_path)]) == 0
     with open(tmp_path / gpu_check.VERDICT, newline="") as f:
         assert list(csv.DictReader(f)) == gpu_check.verdict(rows)
-    assert "Verdict: 2 pass, 2 FAIL, 4 missing of 8" in capsys.readouterr().out  # 3 correctness rows: no row
+    assert "Verdict: 2 pass, 2 FAIL, 0 inconclusive, 4 missing of 8" in capsys.readouterr().out  # 3: no row
     assert gpu_check.main(["--verdict-only", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no rows.csv" in err
@@ -364,7 +366,7 @@ def test_the_whole_command_on_a_faked_h100_is_bounded_and_its_verdict_recomputab
         lines = list(csv.DictReader(f))
     hung = [v for v in lines if v["target"].startswith("cupy correct") and v["target"].endswith("fwd_bwd")]
     assert hung and all(v["status"] == "missing" and "over the time budget" in v["note"] for v in hung)
-    assert r.stdout.rstrip().splitlines()[-1].lstrip().startswith(("pass", "FAIL", "missing"))  # the verdict last
+    assert r.stdout.rstrip().splitlines()[-1].lstrip().startswith(("pass", "FAIL", "inconclusive", "missing"))
     assert "Verdict:" in r.stdout
     rows = read_rows(out / gpu_check.ROWS)
     assert {r["device_name"] for r in rows if r["status"] == "ok"} == {"NVIDIA H100 80GB HBM3"}
