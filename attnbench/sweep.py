@@ -490,7 +490,7 @@ def _not_done(todo: list[BenchConfig]) -> list[BenchConfig]:
     libraries) is not in their study yet; one line per study on what is skipped and
     when and where it was measured."""
     finished: dict[Path, dict] = {}
-    kept, found = [], collections.defaultdict(list)
+    kept, found, fewer = [], collections.defaultdict(list), collections.Counter()
     for c in todo:
         path = table_path(c)
         if path not in finished:  # each study's table and row files read once
@@ -500,14 +500,16 @@ def _not_done(todo: list[BenchConfig]) -> list[BenchConfig]:
             kept.append(c)
         else:
             found[path].append(row)
+            fewer[path] += (number(row.get("repeats")) or 1) < c.repeats
     for path, rows in found.items():
         asked = sum(table_path(c) == path for c in todo)
         stamps = sorted(str(r.get("timestamp") or "")[:10] for r in rows if r.get("timestamp"))
         when = stamps[0] if stamps and stamps[0] == stamps[-1] else f"{stamps[0]} to {stamps[-1]}" if stamps else "?"
         hosts = ", ".join(sorted({str(r.get("host") or "?") for r in rows}))
         log.warning(
-            "resume: %d of %d jobs already in %s, measured %s on %s; skipped (run without resume=true to measure "
+            "resume: %d of %d jobs already in %s, measured %s on %s%s; skipped (run without resume=true to measure "
             "them again)", len(rows), asked, path, when, hosts,
+            f", {fewer[path]} of them with fewer repeats than asked" if fewer[path] else "",
         )  # fmt: skip
     return kept
 

@@ -416,7 +416,12 @@ def test_resume_skips_what_is_done(tmp_path, caplog):
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resume:")]
     stamp, host = read_rows(tmp_path / "t.csv")[0]["timestamp"][:10], read_rows(tmp_path / "t.csv")[0]["host"]
     assert f"2 of 3 jobs already in {tmp_path / 't.csv'}, measured {stamp} on {host}" in line, line
-    assert "without resume=true" in line, line
+    assert "without resume=true" in line and "fewer repeats" not in line, line
+    caplog.clear()  # asked with more repeats than they were measured with: still skipped, and said
+    more = [dataclasses.replace(c, repeats=3) for c in configs]
+    assert sweep(more, resume=True, progress=False) == []
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resume:")]
+    assert "2 of them with fewer repeats than asked" in line, line
 
 
 def test_resume_measures_what_another_machine_measured_and_retries_errors(tmp_path, throwaway):
