@@ -441,10 +441,10 @@ def model_figure(df: pd.DataFrame, *, dpi: int = 110) -> Figure | None:
     axes = fig.subplots(1, len(modes), squeeze=False)[0]
     for ax, mode in zip(axes, modes):
         sub = df[df["mode"] == mode]
-        base = {
-            (r["where"], r["seq_len"]): r
-            for r in ok[(ok["mode"] == mode) & (ok["impl"] == baseline)].to_dict("records")
-        }
+        # the baseline's newest row at each (where, n), as every other bar takes its newest (r.iloc[-1]):
+        # a row measured again (with other library versions) replaces the earlier one here too
+        newest = {(r["where"], r["seq_len"]): r for r in sub[sub["impl"] == baseline].to_dict("records")}
+        base = {k: r for k, r in newest.items() if r["status"] == "ok"}
         both = [n for n in sorted(set(sub["seq_len"])) if ("attention", n) in base and ("model", n) in base]
         if not both:
             ax.text(0.5, 0.5, f"{mode}: no n where {baseline} was measured\nboth alone and inside the model",

@@ -337,7 +337,9 @@ def test_cli_writes_figures(results_csv: Path, tmp_path: Path, capsys: pytest.Ca
     assert (
         plot.main([str(results_csv), "--baseline", "naive", "--out", str(out), "--pattern", "w512", "--dpi", "60"]) == 0
     )
-    printed = capsys.readouterr().out.split()
+    lines = capsys.readouterr().out.splitlines()
+    assert "speed-up over naive [95% interval]" in lines[0], lines  # the ratio table first, then the files
+    printed = lines[-2:]
     assert printed == [str(out), str(tmp_path / "fig-vs-naive.png")]
     for p in printed:
         _assert_png(Path(p))
